@@ -1,0 +1,1 @@
+"""Training, cross-validation, metrics, plots, model cards and package export."""
