@@ -1,0 +1,278 @@
+"""The analysis pipeline: a study folder in, a :class:`~dicom_io.results.StudyResult` out.
+
+A plain function (the Celery task only calls it): read the headers, select the
+series, load their volumes, then hand them to the MR, CT or X-ray analysis.
+:func:`encode_outputs` turns the result into the SR and SC objects in the outbox.
+
+Nothing here raises for bad input: an unusable study ends ``NOT_PERFORMED`` with
+its reason, a bad series is skipped with a warning, and an analysis whose model
+package is not installed is listed in ``StudyResult.not_run`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_io.results import SeriesRoleValues, SeriesUse, StatusValues, StudyResult
+from dicom_io.study import Series, Study
+from dicom_io.volume import Volume
+from worker.analysis import AnalysisOptions, Run
+from worker.model_packages import ModelPackages
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AnalysisOptions", "ModelPackages", "analyze_study", "encode_outputs"]
+
+R = SeriesRoleValues
+_MR_ROLES = (R.SAG_T2, R.SAG_STIR, R.SAG_T1, R.AX_T2)
+_XRAY_ROLES = (R.XRAY_AP, R.XRAY_LAT)
+
+
+def _packages_for(settings: Any | None) -> ModelPackages:
+    dirs = getattr(settings, "model_dirs", None) or None
+    return ModelPackages.shared(dirs, device=getattr(settings, "device", None))
+
+
+def _not_performed(result: StudyResult, reason: str) -> StudyResult:
+    result.status = StatusValues.NOT_PERFORMED
+    result.reason = reason
+    result.findings.clear()
+    return result
+
+
+def _select(study: Study) -> None:
+    """Give every series its role and reason (the declarative rules of dicom_io.selection)."""
+    from dicom_io.selection import assign_roles
+
+    assign_roles(study)
+
+
+def _volumes(run: Run, series: Series) -> list[Volume]:
+    """The stacks of one series; an unreadable series is skipped with a warning."""
+    from dicom_io.volumes import load_volumes
+
+    label = f"series {series.series_instance_uid} ({series.description or series.role.value})"
+    with run.stage("volumes"):
+        try:
+            vols = load_volumes(series)
+        except Exception as exc:  # bad pixels or geometry: skip the series, keep the study
+            run.warn(f"{label} skipped: {type(exc).__name__}: {exc}")
+            return []
+    return list(vols)
+
+
+def _first(run: Run, study: Study, role: SeriesRoleValues) -> tuple[Volume | None, Series | None]:
+    """The first series of ``role`` whose volume loads (largest stack of it)."""
+    for s in (s for s in study.series if s.role is role):
+        vols = _volumes(run, s)
+        if vols:
+            return max(vols, key=lambda v: v.array.shape[0]), s
+    return None, None
+
+
+def analyze_study(
+    study_folder: Path,
+    revision: int,
+    *,
+    packages: ModelPackages | None = None,
+    settings: Any | None = None,
+) -> StudyResult:
+    """Analyse one received study.
+
+    Parameters
+    ----------
+    study_folder
+        Folder of the study's instances (``<spool>/<study>/``, any depth).
+    revision
+        Revision of the study this analysis is for (>= 1).
+    packages
+        Loaded model packages; default: the process-wide ones from
+        ``settings.model_dirs`` (or ``models/packages``).
+    settings
+        Any object; attributes named like :class:`AnalysisOptions` fields
+        override the defaults, ``model_dirs`` and ``device`` choose packages.
+
+    Returns
+    -------
+    StudyResult
+        ``ANALYSED`` with levels, findings, warnings, ``not_run`` and timings,
+        or ``NOT_PERFORMED`` with the reason.
+
+    Raises
+    ------
+    ValueError
+        If ``revision`` < 1 or the options in ``settings`` are invalid.
+    TypeError
+        If ``study_folder`` is not a path.
+    """
+    if not isinstance(study_folder, (str, os.PathLike)):
+        raise TypeError(f"study_folder: expected a path, got {type(study_folder).__name__}")
+    if revision < 1:
+        raise ValueError(f"revision: must be >= 1, got {revision!r}")
+    study_folder = Path(study_folder)
+    options = AnalysisOptions.from_settings(settings)
+    t0 = time.perf_counter()
+    result = StudyResult(study_instance_uid=study_folder.name, revision=revision)
+    run = Run(result, packages if packages is not None else _packages_for(settings), options)
+    try:
+        _analyze(run, study_folder)
+    except Exception as exc:  # the contract: a study never crashes the worker
+        log.exception("analysis of %s failed", study_folder)
+        _not_performed(result, f"analysis failed: {type(exc).__name__}: {exc}")
+    result.timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def _analyze(run: Run, folder: Path) -> None:
+    from dicom_io.headers import load_study
+
+    result = run.result
+    with run.stage("load"):
+        study = load_study(folder)
+    if study.study_instance_uid:
+        result.study_instance_uid = study.study_instance_uid
+    for path, why in study.unreadable:
+        run.warn(f"unreadable file {Path(path).name} skipped: {why}")
+    if not study.series:
+        _not_performed(result, "no readable DICOM image in the study")
+        return
+    with run.stage("select"):
+        _select(study)
+    result.series = [
+        SeriesUse(s.series_instance_uid, s.role, s.role_reason, s.description, s.modality)
+        for s in study.series
+    ]
+    roles = {s.role for s in study.series}
+    if roles & set(_MR_ROLES):
+        result.modality = "MR"
+        _run_mr(run, study)
+    elif R.CT_AXIAL in roles:
+        result.modality = "CT"
+        _run_ct(run, study)
+    elif roles & set(_XRAY_ROLES):
+        result.modality = next(s.modality for s in study.series if s.role in _XRAY_ROLES) or "DX"
+        _run_xray(run, study)
+    else:
+        seen = "; ".join(
+            f"{s.modality} {s.description!r}: {s.role_reason}" for s in study.series
+        )
+        _not_performed(result, f"no usable lumbar spine series (saw {seen})")
+
+
+def _run_mr(run: Run, study: Study) -> None:
+    from worker.analysis_mr import analyze_mr
+
+    sag_t2, _ = _first(run, study, R.SAG_T2)
+    label = "sagittal T2"
+    if sag_t2 is None:
+        sag_t2, _ = _first(run, study, R.SAG_STIR)
+        label = "sagittal STIR"
+    sag_t1, _ = _first(run, study, R.SAG_T1)
+    axials = [v for s in study.series if s.role is R.AX_T2 for v in _volumes(run, s)]
+    if sag_t2 is None and sag_t1 is None:
+        _not_performed(run.result, "no usable sagittal series: levels cannot be located")
+        return
+    analyze_mr(run, sag_t2, sag_t1, axials, sag_t2_label=label)
+
+
+def _run_ct(run: Run, study: Study) -> None:
+    from worker.analysis_ct import analyze_ct
+
+    axial, _ = _first(run, study, R.CT_AXIAL)
+    if axial is None or axial.array.shape[0] < 2:
+        _not_performed(run.result, "no usable axial CT stack")
+        return
+    analyze_ct(run, axial)
+
+
+def _run_xray(run: Run, study: Study) -> None:
+    from worker.analysis_xray import analyze_xray
+
+    images = [v for s in study.series if s.role in _XRAY_ROLES for v in _volumes(run, s)]
+    # One finding per image: a multi-image series contributes each image.
+    singles = [
+        Volume(v.array[k : k + 1], v.affine, [v.sop_instance_uids[k]], v.series_instance_uid,
+               v.study_instance_uid, v.sop_class_uid, [v.frames[k]] if v.frames else None)
+        for v in images
+        for k in range(v.array.shape[0])
+    ]
+    if not singles:
+        _not_performed(run.result, "no usable lumbar X-ray image")
+        return
+    analyze_xray(run, singles)
+
+
+def _write_atomic(ds: Any, folder: Path) -> Path:
+    """Write a dataset as ``<SOPInstanceUID>.dcm`` in ``folder``: temp file, fsync, rename."""
+    final = folder / f"{ds.SOPInstanceUID}.dcm"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def encode_outputs(
+    result: StudyResult,
+    study_folder: Path,
+    outbox: Path,
+    *,
+    predecessor: Path | None = None,
+    not_performed_sr: bool = True,
+) -> list[Path]:
+    """Encode the SR and SC objects of ``result`` and write them into ``outbox``.
+
+    Parameters
+    ----------
+    result
+        The analysis result.
+    study_folder
+        The study's instances (the SR/SC reference them and copy patient/study
+        attributes from them).
+    outbox
+        Folder to write into (created if absent).
+    predecessor
+        The SR file of the previous revision, which the new SR supersedes.
+    not_performed_sr
+        Whether a ``NOT_PERFORMED`` result gets an "analysis not performed" SR.
+
+    Returns
+    -------
+    list of Path
+        Files written, named ``<SOPInstanceUID>.dcm`` (deterministic UIDs, so
+        a retried task rewrites the same names).
+    """
+    import pydicom
+
+    from dicom_io.outputs import encode_all
+
+    if result.status is StatusValues.NOT_PERFORMED and not not_performed_sr:
+        return []
+    sources = {}
+    for path in sorted(Path(study_folder).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            # Large values (pixel data) are read only if the encoder touches them.
+            ds = pydicom.dcmread(path, defer_size="64 KB")
+        except Exception:  # not DICOM or unreadable: already reported by the analysis
+            continue
+        uid = getattr(ds, "SOPInstanceUID", None)
+        if uid:
+            sources[str(uid)] = ds
+    prev = pydicom.dcmread(predecessor) if predecessor is not None else None
+    datasets = encode_all(result, sources, predecessor=prev)
+    outbox = Path(outbox)
+    outbox.mkdir(parents=True, exist_ok=True)
+    return [_write_atomic(ds, outbox) for ds in datasets]
