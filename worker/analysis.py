@@ -163,6 +163,42 @@ def level_location(
     )
 
 
+def localize(
+    run: Run, array: np.ndarray, affine: np.ndarray, label: str, reference: Volume
+) -> dict[str, tuple[np.ndarray, float]]:
+    """Level points on a sagittal array: name -> (point mm, confidence); fills ``result.levels``.
+
+    ``label`` names the input in messages ("the sagittal T2 series"); every
+    level is referenced on the nearest image of ``reference`` (the input itself,
+    or the source stack of a reformat). Returns an empty dict, with
+    ``not_run`` or a warning saying why, when the localizer is missing, fails
+    or finds nothing.
+    """
+    localizer = run.model("levels")
+    if localizer is None:
+        return {}
+    with run.stage("localize"):
+        try:
+            out = localizer(np.asarray(array, np.float32), affine)
+        except Exception as exc:  # a bad volume must not end the study
+            run.warn(f"level localization failed on {label}: {type(exc).__name__}: {exc}")
+            return {}
+    for w in getattr(out, "warnings", ()) or ():
+        run.warn(f"level localization: {w}")
+    points: dict[str, tuple[np.ndarray, float]] = {}
+    for p in getattr(out, "points", ()) or ():
+        conf = float(p.confidence)
+        mm = np.asarray(p.point_mm, float)
+        points[p.name] = (mm, conf)
+        run.result.levels.append(level_location(p.name, mm, conf, reference))
+        if conf < run.options.low_confidence:
+            run.warn(f"low localization confidence at {p.name} ({conf:.2f})")
+    if not points:
+        reason = getattr(out, "reason", None) or "no level found"
+        run.warn(f"level localization on {label} found no level: {reason}")
+    return points
+
+
 @dataclass
 class CropJob:
     """One crop for one classifier at one level (and side), with where it came from."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from dicom_io.results import ConditionValues
 from dicom_io.volume import Volume
-from worker.analysis import CropJob, Run, classify, crop_job, input_px, level_location
+from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize
 from worker.analysis_mr import graded_discs
 from worker.geometry import sagittal_reformat
 from models.crops import CROP_SPECS, CropSpec
@@ -23,32 +23,12 @@ CT_LEVEL_SPEC = CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size
 
 
 def _localize_reformat(run: Run, axial: Volume) -> dict[str, tuple[np.ndarray, float]]:
-    localizer = run.model("levels")
-    if localizer is None:
+    if run.model("levels") is None:
         return {}
     with run.stage("reformat"):
         array, affine = sagittal_reformat(axial, inplane_mm=1.0, slice_mm=2.0)
-    with run.stage("localize"):
-        try:
-            out = localizer(array, affine)
-        except Exception as exc:  # a bad volume must not end the study
-            run.warn(f"level localization failed on the sagittal reformat: {type(exc).__name__}: {exc}")
-            return {}
-    for w in getattr(out, "warnings", ()) or ():
-        run.warn(f"level localization: {w}")
-    points: dict[str, tuple[np.ndarray, float]] = {}
-    for p in getattr(out, "points", ()) or ():
-        mm = np.asarray(p.point_mm, float)
-        conf = float(p.confidence)
-        points[p.name] = (mm, conf)
-        # The reformat is not an image of the study: levels refer to the nearest axial image.
-        run.result.levels.append(level_location(p.name, mm, conf, axial))
-        if conf < run.options.low_confidence:
-            run.warn(f"low localization confidence at {p.name} ({conf:.2f})")
-    if not points:
-        reason = getattr(out, "reason", None) or "no level found"
-        run.warn(f"level localization on the sagittal reformat found no level: {reason}")
-    return points
+    # The reformat is not an image of the study: levels refer to the nearest axial image.
+    return localize(run, array, affine, "the sagittal reformat", axial)
 
 
 def analyze_ct(run: Run, axial: Volume) -> None:

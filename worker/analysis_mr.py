@@ -15,7 +15,7 @@ import numpy as np
 
 from dicom_io.results import DISCS, ConditionValues
 from dicom_io.volume import Volume
-from worker.analysis import CropJob, Run, classify, crop_job, input_px, level_location
+from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize
 
 #: (task, condition, which series, sides) read per disc level.
 MR_TASKS: tuple[tuple[str, ConditionValues, str, tuple[str | None, ...]], ...] = (
@@ -26,37 +26,6 @@ MR_TASKS: tuple[tuple[str, ConditionValues, str, tuple[str | None, ...]], ...] =
 )
 
 _SIDE_WORD = {None: "", "L": " left", "R": " right"}
-
-
-def localize(run: Run, volume: Volume, series_label: str) -> dict[str, tuple[np.ndarray, float]]:
-    """Level points on a sagittal volume: name -> (point mm, confidence); fills ``result.levels``.
-
-    Returns an empty dict (with ``not_run`` or a warning saying why) when the
-    localizer is missing or finds nothing.
-    """
-    localizer = run.model("levels")
-    if localizer is None:
-        return {}
-    with run.stage("localize"):
-        try:
-            out = localizer(np.asarray(volume.array, np.float32), volume.affine)
-        except Exception as exc:  # a bad volume must not end the study
-            run.warn(f"level localization failed on the {series_label} series: {type(exc).__name__}: {exc}")
-            return {}
-    for w in getattr(out, "warnings", ()) or ():
-        run.warn(f"level localization: {w}")
-    points: dict[str, tuple[np.ndarray, float]] = {}
-    for p in getattr(out, "points", ()) or ():
-        conf = float(p.confidence)
-        mm = np.asarray(p.point_mm, float)
-        points[p.name] = (mm, conf)
-        run.result.levels.append(level_location(p.name, mm, conf, volume))
-        if conf < run.options.low_confidence:
-            run.warn(f"low localization confidence at {p.name} ({conf:.2f})")
-    if not points:
-        reason = getattr(out, "reason", None) or "no level found"
-        run.warn(f"level localization on the {series_label} series found no level: {reason}")
-    return points
 
 
 def graded_discs(run: Run, points: dict[str, tuple[np.ndarray, float]]) -> list[str]:
@@ -103,7 +72,7 @@ def analyze_mr(
             run.not_run(task, "no axial T2 series in the study")
     if loc_vol is None:  # callers route studies without a sagittal series elsewhere
         raise ValueError("sag_t2/sag_t1: an MR analysis needs a sagittal series")
-    points = localize(run, loc_vol, loc_label)
+    points = localize(run, loc_vol.array, loc_vol.affine, f"the {loc_label} series", loc_vol)
     discs = graded_discs(run, points)
     if not discs:
         for task, *_ in MR_TASKS:
