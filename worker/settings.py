@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     visibility_timeout: float | None = Field(default=None, gt=0)  # default: from the time limits
 
     # Analysis
-    model_dirs: list[Path] = Field(default_factory=list)
+    model_dirs: list[Path] = Field(default_factory=list)  # default: models/packages
+    device: str | None = None  # torch device for the models ("cpu", "cuda"); None: each package's
     write_not_performed_sr: bool = True
     attempt_cap: int = Field(default=3, ge=1)
     analyze_soft_time_limit: float = Field(default=600.0, gt=0)

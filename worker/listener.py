@@ -1,0 +1,161 @@
+"""The listener process: the DICOM SCP, the study index it feeds, and the stability monitor.
+
+Every stored instance is recorded in the study index (``on_stored``). A monitor thread
+finds studies with no new instance for the quiet period, claims the next revision
+atomically (several listeners may run against one Redis and one spool) and queues
+``discus.analyze_study``. A slower sweep purges delivered studies after the retention
+period. SIGTERM stops accepting associations, lets running ones finish, and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, start_listener
+from dicom_io.spool import Spool
+from worker.index import StudyIndex, dataset_digest
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds a SIGTERM waits for running associations before the process exits.
+SHUTDOWN_GRACE = 20.0
+
+
+class StabilityMonitor:
+    """Claims quiet studies and queues their analysis.
+
+    Parameters
+    ----------
+    index : StudyIndex
+        The shared study index.
+    settings : Settings
+        Quiet period, monitor and sweep intervals, retention.
+    enqueue : callable, optional
+        ``enqueue(study_uid, revision) -> task id``; default sends ``discus.analyze_study``.
+    """
+
+    def __init__(self, index: StudyIndex, settings: Settings, enqueue: Any = None) -> None:
+        if not isinstance(index, StudyIndex):
+            raise TypeError(f"index: expected StudyIndex, got {type(index).__name__}")
+        if not isinstance(settings, Settings):
+            raise TypeError(f"settings: expected Settings, got {type(settings).__name__}")
+        self.index = index
+        self.settings = settings
+        self.enqueue = enqueue if enqueue is not None else send_analysis
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sweep = 0.0
+
+    def tick(self, now: float | None = None) -> list[tuple[str, int]]:
+        """One pass: claim every quiet study and queue it; return what was queued."""
+        queued = []
+        quiet = self.settings.quiet_period
+        for uid in self.index.quiet_candidates(quiet, now=now):
+            revision = self.index.claim(uid, quiet, now=now)
+            if revision > 0:
+                task_id = self.enqueue(uid, revision)
+                self.index.mark_enqueued(uid, revision, task_id)
+                log.info("study %s quiet for %.1f s: queued revision %d", uid, quiet, revision)
+                queued.append((uid, revision))
+        return queued
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        from worker.export import sweep_delivered
+
+        return sweep_delivered(self.index, self.settings, now=now)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+                now = time.time()
+                if now - self._last_sweep >= self.settings.sweep_interval:
+                    self._last_sweep = now
+                    self.sweep(now)
+            except Exception:  # Redis away for a moment: log and keep going
+                log.exception("monitor pass failed; retrying")
+            self._stop.wait(self.settings.monitor_interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="discus-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def send_analysis(study_uid: str, revision: int) -> str:
+    """Queue ``discus.analyze_study`` for one revision; the task id names the job."""
+    from worker.celery_app import ANALYZE_QUEUE, ANALYZE_TASK, app
+
+    task_id = f"analyze-{study_uid}-{revision}"
+    app.send_task(ANALYZE_TASK, args=[study_uid, revision], queue=ANALYZE_QUEUE, task_id=task_id)
+    return task_id
+
+
+def make_on_stored(index: StudyIndex) -> Any:
+    """The ``on_stored`` callback: record the instance (duplicates included) in the index.
+
+    A duplicate is recorded too: if an earlier callback failed, the sender's retry is
+    how the index catches up; an identical digest changes nothing.
+    """
+
+    def on_stored(inst: StoredInstance) -> None:
+        index.record_instance(inst.study_instance_uid, inst.sop_instance_uid,
+                              dataset_digest(inst.path), inst.path.parent.parent)
+
+    return on_stored
+
+
+def listener_config(settings: Settings) -> ListenerConfig:
+    return ListenerConfig(
+        ae_title=settings.ae_title, host=settings.bind, port=settings.port,
+        allowed_calling_aets=tuple(settings.allowed_calling_aets),
+        max_associations=settings.max_associations, acse_timeout=settings.acse_timeout,
+        dimse_timeout=settings.dimse_timeout, network_timeout=settings.network_timeout,
+    )
+
+
+def serve(settings: Settings, stop: threading.Event | None = None) -> ListenerStats:
+    """Run the listener and its monitor until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Returns the listener's counters at shutdown.
+    """
+    stop = stop if stop is not None else threading.Event()
+    index = StudyIndex.from_url(settings.redis_url)
+    index.r.ping()  # fail at start, not at the first instance
+    spool = Spool(settings.spool)
+    stats = ListenerStats()
+    server = start_listener(spool, listener_config(settings), make_on_stored(index), stats)
+    assert server is not None
+    monitor = StabilityMonitor(index, settings)
+    monitor.start()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+    log.info("listener %s on %s:%d, spool %s, quiet period %.1f s", settings.ae_title,
+             settings.bind, settings.port, settings.spool, settings.quiet_period)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.shutdown()  # stops accepting new associations
+        # Let running associations finish (their senders would otherwise retry everything).
+        grace = time.monotonic() + SHUTDOWN_GRACE
+        while server.active_associations and time.monotonic() < grace:
+            time.sleep(0.1)
+        monitor.stop()
+        log.info("listener stopped; totals %s", stats.snapshot())
+    return stats
