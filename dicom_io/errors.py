@@ -71,3 +71,11 @@ class ExportError(DicomIOError):
         super().__init__(message)
         self.transient = transient
         self.status = status
+
+
+class EncodingError(DicomIOError, ValueError):
+    """A StudyResult or a source dataset cannot be encoded as SR / SC; the message names the field."""
+
+
+class ValidationToolError(DicomIOError):
+    """A validation tool (dciodvfy, dsrdump) is missing, hung, or could not read an object."""

@@ -1,0 +1,622 @@
+"""The Structured Report a radiologist reads: TID 1500 measurement report from a StudyResult.
+
+The SR is a Comprehensive 3D SR built with highdicom (no hand-made content tree):
+
+- root: TID 1500 "Imaging Measurement Report", Procedure Reported = the imaging
+  procedure (e.g. LOINC 24968-0 "MR Lumbar spine"), a device observer context;
+- one TID 1410 measurement group per finding, i.e. per (level, condition, side):
+  tracking identifier and UID, finding type = the condition, finding site = the
+  level (with Left/Right as laterality modifier), the grade as a coded qualitative
+  evaluation, the probability of that grade as a numeric measurement in
+  UCUM ``{ratio}``, the point on the source image (SCOORD POINT) and TID 4019
+  algorithm identification. A group per finding rather than per level, because
+  each finding has its own source image, side, probability and model; groups of
+  one level share its finding-site code and their tracking identifiers start
+  with the level name;
+- VerificationFlag UNVERIFIED, Contributing Equipment "Processing Equipment" (DCM
+  109102) per model whose Device Serial Number is a device UID derived from the
+  weights hash (so it changes whenever a model is retrained; the same UID is the
+  Device Observer UID when one model made the report), the evidence in
+  Current Requested Procedure Evidence Sequence, patient/study modules and
+  Specific Character Set copied from the sources, Predecessor Documents Sequence
+  for a new revision.
+
+Every code comes from :mod:`dicom_io.codes`; every UID from :mod:`dicom_io.uids`.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_io import codes
+from dicom_io.errors import EncodingError
+from dicom_io.results import (
+    GRADES,
+    LEVELS,
+    LUMBAR_SPINE,
+    ConditionValues,
+    Finding,
+    ModelInfo,
+    StatusValues,
+    StudyResult,
+)
+from dicom_io.uids import SERIES_NUMBERS, deterministic_uid, device_uid, output_uids
+
+#: Series Description of the SR series (LO, at most 64 characters).
+SR_SERIES_DESCRIPTION = "Discus AI-generated results - not a diagnosis"
+#: Written when no source carries a date, so the output stays deterministic.
+_FALLBACK_DATETIME = ("19700101", "000000")
+
+# Attributes highdicom copies into the SR from the first source (Patient / General Study).
+_REQUIRED_SOURCE_ATTRIBUTES = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+_CONDITION_LABELS = {
+    ConditionValues.DISC: "disc",
+    ConditionValues.SPINAL_CANAL_STENOSIS: "spinal canal stenosis",
+    ConditionValues.NEURAL_FORAMINAL_NARROWING: "foraminal stenosis",
+    ConditionValues.SUBARTICULAR_STENOSIS: "subarticular stenosis",
+    ConditionValues.SPINE_XRAY: "radiograph",
+}
+
+
+def condition_label(finding: Finding) -> str:
+    """Short human text of a finding's condition and side, e.g. ``foraminal stenosis left``."""
+    text = _CONDITION_LABELS[finding.condition]
+    if finding.laterality is not None:
+        text += " left" if finding.laterality.value == "L" else " right"
+    return text
+
+
+def grade_label(grade: str) -> str:
+    """Human text of a grade (``normal_mild`` -> ``normal/mild``)."""
+    return grade.replace("_", "/")
+
+
+def finding_sort_key(finding: Finding) -> tuple[int, str, str]:
+    """Cranial-to-caudal, then condition, then side: the order objects are written in."""
+    level_index = LEVELS.index(finding.level) if finding.level in LEVELS else len(LEVELS)
+    side = finding.laterality.value if finding.laterality is not None else ""
+    return (level_index, finding.condition.value, side)
+
+
+def model_versions(result: StudyResult) -> list[str]:
+    """``name:version`` of every model behind the result (input of the output UIDs)."""
+    versions = {f"{m.name}:{m.version}" for m in result.models}
+    versions |= {f"{f.model}:{f.model_version}" for f in result.findings}
+    return sorted(versions)
+
+
+def check_sources(result: StudyResult, sources: Sequence[Dataset]) -> list[Dataset]:
+    """Validate the source datasets and return them in a stable order (by SOP Instance UID).
+
+    Raises
+    ------
+    ValueError
+        If ``sources`` is empty, a source lacks an attribute the outputs copy,
+        belongs to another study, or a finding/level references an image that is
+        not among the sources. The message names the field.
+    """
+    if not sources:
+        raise EncodingError("sources: at least one source dataset is required")
+    by_uid: dict[str, Dataset] = {}
+    for i, ds in enumerate(sources):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"sources[{i}]: expected pydicom Dataset, got {type(ds).__name__}")
+        for keyword in _REQUIRED_SOURCE_ATTRIBUTES:
+            if keyword not in ds:
+                raise EncodingError(f"sources[{i}].{keyword}: missing")
+        if ds.StudyInstanceUID != result.study_instance_uid:
+            raise EncodingError(
+                f"sources[{i}].StudyInstanceUID: {ds.StudyInstanceUID} is not the result's "
+                f"study {result.study_instance_uid}"
+            )
+        by_uid.setdefault(str(ds.SOPInstanceUID), ds)
+    for j, f in enumerate(result.findings):
+        if f.image.sop_instance_uid not in by_uid:
+            raise EncodingError(
+                f"findings[{j}].image.sop_instance_uid: {f.image.sop_instance_uid} "
+                "is not among the sources"
+            )
+    return [by_uid[k] for k in sorted(by_uid)]
+
+
+def content_datetime(sources: Sequence[Dataset]) -> tuple[str, str]:
+    """Date and time the outputs carry: the latest acquisition among the sources.
+
+    Taken from the data, never from the clock, so encoding twice gives the same bytes.
+    """
+    stamps = []
+    for ds in sources:
+        for date_kw, time_kw in (
+            ("ContentDate", "ContentTime"),
+            ("AcquisitionDate", "AcquisitionTime"),
+            ("SeriesDate", "SeriesTime"),
+            ("StudyDate", "StudyTime"),
+        ):
+            date = str(ds.get(date_kw, "") or "")
+            if len(date) == 8 and date.isdigit():
+                time = str(ds.get(time_kw, "") or "").split(".")[0]
+                time = time if time.isdigit() and len(time) in (2, 4, 6) else "000000"
+                stamps.append((date, time.ljust(6, "0")))
+                break
+    return max(stamps) if stamps else _FALLBACK_DATETIME
+
+
+def stamp_datetime(ds: Dataset, date: str, time: str) -> None:
+    """Replace the clock times highdicom writes (creation, contribution) by the data's time."""
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time
+
+
+def character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set, in a form highdicom accepts.
+
+    An empty first value (default repertoire with ISO 2022 code extensions, as in
+    ``\\ISO 2022 IR 87``) is written as ``ISO 2022 IR 6``, which PS3.3 C.12.1.1.2
+    defines as the same repertoire.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    values = [str(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str) else [value])]
+    if len(values) > 1 and values[0].strip() == "":
+        values[0] = "ISO 2022 IR 6"
+    return values[0] if len(values) == 1 else values
+
+
+def _model_for(result: StudyResult, finding: Finding) -> ModelInfo | None:
+    for m in result.models:
+        if m.name == finding.model and m.version == finding.model_version:
+            return m
+    return None
+
+
+def _algorithm_id(result: StudyResult, finding: Finding) -> hd.sr.AlgorithmIdentification:
+    info = _model_for(result, finding)
+    parameters = None
+    if info is not None:
+        parameters = [f"{k}={v}" for k, v in sorted(info.parameters.items())]
+        parameters.append(f"weights_sha256={info.sha256.lower()}")
+    return hd.sr.AlgorithmIdentification(
+        name=finding.model, version=finding.model_version, parameters=parameters
+    )
+
+
+def _contributing_equipment(
+    result: StudyResult, manufacturer: str, institution: str | None, when: str
+) -> list[hd.ContributingEquipment]:
+    items = []
+    for m in sorted(result.models, key=lambda m: (m.name, m.version)):
+        try:
+            uid = device_uid(m.sha256)
+        except ValueError:
+            raise EncodingError(f"models[{m.name}].sha256: expected 64 hex digits, got {m.sha256!r}") from None
+        item = hd.ContributingEquipment(
+            manufacturer=manufacturer,
+            purpose_of_reference=codes.code("processing_equipment"),
+            manufacturer_model_name=m.name[:64],
+            software_versions=m.version[:64],
+            # Device UID (0018,1002) is not in the Contributing Equipment Sequence of
+            # the IOD tables dciodvfy knows; the serial number carries it instead.
+            device_serial_number=uid,
+            institution_name=institution,
+            contribution_datetime=when,
+            contribution_description=f"AI {m.task or 'analysis'}: {m.name} {m.version}"[:64],
+        )
+        items.append(item)
+    return items
+
+
+def _observer_context(result: StudyResult, manufacturer: str) -> hd.sr.ObservationContext:
+    hashes = sorted(m.sha256.lower() for m in result.models)
+    # One model: its own device UID; several: one UID for the combination.
+    uid = device_uid(hashes[0]) if len(hashes) == 1 else deterministic_uid("discus-observer", *hashes)
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=uid,
+        name="Discus",
+        manufacturer_name=manufacturer,
+        model_name="Discus lumbar spine AI",
+    )
+    return hd.sr.ObservationContext(
+        observer_person_context=None,
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=pydicom.sr.codedict.codes.DCM.Device,
+            observer_identifying_attributes=device,
+        ),
+    )
+
+
+def _region(finding: Finding, source: Dataset) -> hd.sr.ImageRegion:
+    ref = finding.image
+    rows, cols = int(source.get("Rows", 0)), int(source.get("Columns", 0))
+    if rows and cols and not (-0.5 <= ref.row <= rows - 0.5 and -0.5 <= ref.column <= cols - 0.5):
+        raise EncodingError(
+            f"image.row/column: ({ref.row}, {ref.column}) is outside the {rows}x{cols} source image"
+        )
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    # SCOORD puts the centre of the top-left pixel at (0.5, 0.5); ImageRef at (0, 0).
+    data = np.array([[ref.column + 0.5, ref.row + 0.5]], dtype=float)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=data,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=ref.sop_class_uid,
+            referenced_sop_instance_uid=ref.sop_instance_uid,
+            referenced_frame_numbers=[ref.frame] if frames > 1 else None,
+        ),
+    )
+
+
+def _group(
+    result: StudyResult, finding: Finding, source: Dataset, sop_uid: str
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    site = codes.level_code(finding.level)
+    laterality = codes.laterality_code(finding.laterality) if finding.laterality else None
+    label = f"{finding.level} {condition_label(finding)}"
+    probability = finding.probability
+    if not 0.0 <= probability <= 1.0:
+        raise EncodingError(f"probabilities[{finding.grade!r}]: must be in [0, 1], got {probability}")
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=deterministic_uid("discus-tracking", sop_uid, label), identifier=label
+        ),
+        referenced_region=_region(finding, source),
+        finding_type=codes.condition_code(finding.condition),
+        algorithm_id=_algorithm_id(result, finding),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site, laterality=laterality)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.condition_code(finding.condition),
+                value=codes.grade_code(finding.condition, finding.grade),
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.code("probability"),
+                value=round(probability, 6),
+                unit=codes.code("unit_ratio"),
+                algorithm_id=_algorithm_id(result, finding),
+            )
+        ],
+    )
+
+
+def _check_findings(result: StudyResult) -> None:
+    for j, f in enumerate(result.findings):
+        if f.level != LUMBAR_SPINE and f.level not in LEVELS:
+            raise EncodingError(f"findings[{j}].level: unknown level {f.level!r}")
+        codes.level_code(f.level)
+        if f.grade not in GRADES[ConditionValues(f.condition)]:
+            raise EncodingError(f"findings[{j}].grade: {f.grade!r} is not a grade of {f.condition}")
+        if f.grade not in f.probabilities:
+            raise EncodingError(f"findings[{j}].probabilities: no probability for grade {f.grade!r}")
+
+
+def _summary_group(
+    sop_uid: str, status_key: str, reason: str | None = None
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group with the analysis outcome (CID 6047) and, if given, why."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=deterministic_uid("discus-tracking", sop_uid, "summary"),
+            identifier="AI analysis summary",
+        ),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.level_code(LUMBAR_SPINE))],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.code("analysis_summary"), value=codes.code(status_key)
+            )
+        ],
+    )
+    if reason:
+        # TID 1501 has no slot for free text; the reason goes in as a TEXT comment item.
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.code("comment"),
+                value=reason[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
+
+
+def _coding_schemes() -> list[CodingSchemeIdentificationItem]:
+    return [
+        CodingSchemeIdentificationItem(
+            designator=codes.LOCAL_SCHEME,
+            name=codes.LOCAL_SCHEME_NAME,
+            responsible_organization=codes.LOCAL_SCHEME_ORGANIZATION,
+        )
+    ]
+
+
+def _document(
+    result: StudyResult,
+    evidence: list[Dataset],
+    content: hd.sr.MeasurementReport,
+    *,
+    predecessor: Dataset | None,
+    manufacturer: str,
+    institution: str | None,
+) -> Dataset:
+    if predecessor is not None:
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if keyword not in predecessor:
+                raise EncodingError(f"predecessor.{keyword}: missing")
+        if predecessor.StudyInstanceUID != result.study_instance_uid:
+            raise EncodingError("predecessor.StudyInstanceUID: not the result's study")
+        if result.revision < 2:
+            raise EncodingError("predecessor: only a revision > 1 has a predecessor")
+    if not isinstance(manufacturer, str) or not manufacturer:
+        raise EncodingError(f"manufacturer: expected a non-empty string, got {manufacturer!r}")
+    date, time = content_datetime(evidence)
+    series_uid, sop_uid = output_uids(
+        result.study_instance_uid, result.revision, model_versions(result), "sr"
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=content,
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS["sr"],
+        sop_instance_uid=sop_uid,
+        instance_number=result.revision,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=_contributing_equipment(
+            result, manufacturer, institution, date + time
+        ),
+        series_description=SR_SERIES_DESCRIPTION,
+        coding_schemes=_coding_schemes(),
+        content_date=date,
+        content_time=time,
+        series_date=date,
+        series_time=time,
+        specific_character_set=character_set(evidence[0]),
+    )
+    # highdicom stamps the creation time with the clock; the data's time keeps it reproducible.
+    stamp_datetime(sr, date, time)
+    return sr
+
+
+def encode_sr(
+    result: StudyResult,
+    sources: Sequence[Dataset],
+    *,
+    predecessor: Dataset | None = None,
+    manufacturer: str = "Discus",
+    institution: str | None = None,
+) -> Dataset:
+    """Encode an analysed :class:`StudyResult` as a Comprehensive 3D SR (TID 1500).
+
+    Parameters
+    ----------
+    result : StudyResult
+        The analysis; status must be ``analysed`` (use :func:`encode_not_performed_sr`
+        otherwise).
+    sources : sequence of pydicom.Dataset
+        Source images of the study (headers suffice): at least every image a
+        finding references. All are recorded as evidence; the patient and study
+        modules and the Specific Character Set are copied from them.
+    predecessor : pydicom.Dataset, optional
+        The previous revision's SR, listed in Predecessor Documents Sequence.
+    manufacturer : str, optional
+        Manufacturer written into the SR and its Contributing Equipment.
+    institution : str, optional
+        Institution Name of the SR and its Contributing Equipment.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The SR (a :class:`highdicom.sr.Comprehensive3DSR`), same bytes for the same input.
+
+    Raises
+    ------
+    ValueError
+        Bad input, with the field named: not an analysed result, unknown level,
+        a finding whose image is not among the sources, a source missing
+        attributes, a predecessor of another study.
+    """
+    if result.status is not StatusValues.ANALYSED:
+        raise EncodingError(f"status: {result.status.value}; use encode_not_performed_sr")
+    _check_findings(result)
+    evidence = check_sources(result, sources)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    _, sop_uid = output_uids(result.study_instance_uid, result.revision, model_versions(result), "sr")
+    groups = [
+        _group(result, f, by_uid[f.image.sop_instance_uid], sop_uid)
+        for f in sorted(result.findings, key=finding_sort_key)
+    ]
+    summary = _summary_group(
+        sop_uid, "succeeded_with_findings" if groups else "succeeded_without_findings"
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer_context(result, manufacturer),
+        procedure_reported=codes.procedure_code(result.modality),
+        imaging_measurements=[summary, *groups],
+        title=codes.code("report_title"),
+    )
+    return _document(
+        result, evidence, report, predecessor=predecessor, manufacturer=manufacturer,
+        institution=institution,
+    )
+
+
+def encode_not_performed_sr(
+    result: StudyResult,
+    sources: Sequence[Dataset],
+    *,
+    predecessor: Dataset | None = None,
+    manufacturer: str = "Discus",
+    institution: str | None = None,
+) -> Dataset:
+    """An SR saying the analysis was not performed, and why.
+
+    One TID 1501 group: qualitative evaluation "CAD Processing and Findings
+    Summary" = "No algorithms succeeded; without findings" (CID 6047), and the
+    reason as a TEXT "Comment" item.
+
+    Parameters
+    ----------
+    result : StudyResult
+        Status ``not_performed`` with its ``reason``.
+    sources, predecessor, manufacturer, institution
+        As for :func:`encode_sr`.
+
+    Raises
+    ------
+    ValueError
+        If the result is not ``not_performed`` or the sources are unusable.
+    """
+    if result.status is not StatusValues.NOT_PERFORMED:
+        raise EncodingError(f"status: expected not_performed, got {result.status.value}")
+    evidence = check_sources(result, sources)
+    _, sop_uid = output_uids(result.study_instance_uid, result.revision, model_versions(result), "sr")
+    group = _summary_group(sop_uid, "not_performed", reason=str(result.reason))
+    modality = result.modality if result.modality in ("MR", "CT", "CR", "DX") else "MR"
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer_context(result, manufacturer),
+        procedure_reported=codes.procedure_code(modality),
+        imaging_measurements=[group],
+        title=codes.code("report_title"),
+    )
+    return _document(
+        result, evidence, report, predecessor=predecessor, manufacturer=manufacturer,
+        institution=institution,
+    )
+
+
+def _code_key(concept: Any) -> tuple[str, str]:
+    return (str(concept.value), str(concept.scheme_designator))
+
+
+def read_sr(ds: Dataset) -> list[dict[str, Any]]:
+    """Read the findings back from an SR written by :func:`encode_sr` (via highdicom).
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A Comprehensive 3D SR with a TID 1500 measurement report.
+
+    Returns
+    -------
+    list of dict
+        One dict per measurement group, in document order, with keys ``level``,
+        ``condition`` (value of :class:`ConditionValues`), ``laterality``
+        (``"L"``, ``"R"`` or ``None``), ``grade``, ``probability``, ``model``,
+        ``model_version``, ``sop_instance_uid``, ``row``, ``column`` and
+        ``tracking_uid``. A "not performed" SR gives an empty list.
+
+    Raises
+    ------
+    ValueError
+        If a group carries a code that is not in :mod:`dicom_io.codes`.
+    """
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    report = sr.content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        report = hd.sr.MeasurementReport.from_sequence(sr.ContentSequence and [sr])
+    out: list[dict[str, Any]] = []
+    for group in report.get_planar_roi_measurement_groups():
+        site = group.finding_sites[0]
+        level = codes.decode_level(*_code_key(site.value))
+        side = None
+        for item in getattr(site, "ContentSequence", []):
+            side = codes.decode_laterality(
+                item.ConceptCodeSequence[0].CodeValue,
+                item.ConceptCodeSequence[0].CodingSchemeDesignator,
+            ).value
+        evaluation = group.get_qualitative_evaluations()[0]
+        condition = codes.decode_condition(*_code_key(evaluation.name))
+        grade = codes.decode_grade(condition, *_code_key(evaluation.value))
+        measurement = group.get_measurements(name=codes.code("probability"))[0]
+        algorithm = _algorithm_of(group)
+        roi = group.roi
+        column, row = (float(v) - 0.5 for v in roi.value[0])
+        source = None
+        for item in getattr(roi, "ContentSequence", []):
+            if "ReferencedSOPSequence" in item:
+                source = item.ReferencedSOPSequence[0]
+        out.append(
+            {
+                "level": level,
+                "condition": condition.value,
+                "laterality": side,
+                "grade": grade,
+                "probability": float(measurement.value),
+                "model": algorithm[0],
+                "model_version": algorithm[1],
+                "sop_instance_uid": str(source.ReferencedSOPInstanceUID) if source else None,
+                "row": row,
+                "column": column,
+                "tracking_uid": str(group.tracking_uid),
+            }
+        )
+    return out
+
+
+def read_status(ds: Dataset) -> tuple[str, str | None]:
+    """Analysis outcome of an SR written here: (summary code meaning, reason or ``None``).
+
+    Raises
+    ------
+    ValueError
+        If the SR has no analysis summary group.
+    """
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    summary_name = _code_key(codes.code("analysis_summary"))
+    for group in sr.content.get_image_measurement_groups():
+        outcome = reason = None
+        for item in group[0].ContentSequence:
+            key = _code_key(item.name)
+            if key == summary_name:
+                outcome = str(item.value.meaning)
+            elif key == _code_key(codes.code("comment")):
+                reason = str(item.TextValue)
+        if outcome is not None:
+            return outcome, reason
+    raise EncodingError("ds: no analysis summary group in the SR")
+
+
+def _algorithm_of(group: Any) -> tuple[str | None, str | None]:
+    name = version = None
+    for item in group[0].ContentSequence:
+        key = _code_key(item.name)
+        if key == ("111001", "DCM"):
+            name = str(item.TextValue)
+        elif key == ("111003", "DCM"):
+            version = str(item.TextValue)
+    return name, version
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    """The Part 10 file bytes of a dataset (what is written to the outbox and sent)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
