@@ -287,6 +287,95 @@ def send(
         raise typer.Exit(1)
 
 
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def _fetch_results(url: str, study_uid: str) -> tuple[list[dict[str, Any]], Any]:
+    """Instances of the study our AE sent back (QIDO-RS), and the newest SR (WADO-RS) or None."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url)
+    found = client.search_for_instances(
+        study_instance_uid=study_uid,
+        fields=["SeriesDescription", "Modality", "SOPClassUID", "SeriesInstanceUID",
+                "SeriesNumber", "InstanceNumber", "ContentDate", "ContentTime"])
+    rows = []
+    for item in found:
+        def val(tag: str) -> str:
+            v = item.get(tag, {}).get("Value", [""])
+            return str(v[0]) if v else ""
+        rows.append({"series": val("0020000E"), "sop_class": val("00080016"),
+                     "sop_instance": val("00080018"), "modality": val("00080060"),
+                     "description": val("0008103E"), "when": val("00080023") + val("00080033")})
+    srs = sorted((r for r in rows if r["sop_class"].startswith(SR_CLASS_PREFIX)
+                  and r["modality"] == "SR"), key=lambda r: r["when"])
+    sr = None
+    if srs:
+        sr = client.retrieve_instance(study_uid, srs[-1]["series"], srs[-1]["sop_instance"])
+    return rows, sr
+
+
+@app.command()
+def results(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    url: Annotated[str, typer.Option(help="DICOMweb base URL of the PACS.")] = "http://127.0.0.1:8042/dicom-web",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the SR to arrive.")] = 0.0,
+) -> None:
+    """Show what Discus sent back into the PACS for a study: objects and the SR's findings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            rows, sr = _fetch_results(url, study_uid)
+        except Exception as exc:  # PACS not reachable yet: keep waiting until the deadline
+            rows, sr, error = [], None, exc
+        else:
+            error = None
+        if sr is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if sr is None:
+        why = f" ({type(error).__name__}: {error})" if error else ""
+        console.print(f"[red]no SR for study {study_uid} at {url}{why}[/red]")
+        raise typer.Exit(1)
+    ours = [r for r in rows if r["modality"] in ("SR", "OT") or r["sop_class"].startswith(SR_CLASS_PREFIX)
+            or r["sop_class"].startswith("1.2.840.10008.5.1.4.1.1.7")]
+    objects = Table(title=f"Objects in the PACS from Discus ({len(ours)})")
+    for col in ("modality", "series description", "SOP class", "SOP instance"):
+        objects.add_column(col, overflow="fold")
+    for r in ours:
+        objects.add_row(r["modality"], r["description"], r["sop_class"], r["sop_instance"])
+    console.print(objects)
+    from dicom_io.sr import read_sr
+
+    findings = read_sr(sr)
+    title = getattr(sr, "ContentLabel", "") or "SR"
+    table = Table(title=f"Findings in the SR ({title}, {len(findings)} entries)")
+    for col in ("level", "condition", "side", "grade", "probability", "model"):
+        table.add_column(col)
+    for f in findings:
+        prob = f.get("probability")
+        table.add_row(f["level"], f["condition"], f.get("laterality") or "", f["grade"],
+                      f"{prob:.2f}" if isinstance(prob, (int, float)) else "",
+                      f"{f.get('model') or ''} {f.get('model_version') or ''}".strip())
+    console.print(table)
+    if not findings:
+        console.print("The SR reports no findings; its text says why (analysis not performed, "
+                      "or no model package installed for the analyses).")
+    s = _settings()
+    latest = sorted((s.outbox / study_uid).glob("*/result.json"), key=lambda p: int(p.parent.name))
+    if latest:
+        from dicom_io.results import StudyResult
+
+        res = StudyResult.from_json(latest[-1].read_text())
+        console.print(f"status: {res.status.value}" + (f" ({res.reason})" if res.reason else ""))
+        for analysis, why in sorted(res.not_run.items()):
+            console.print(f"  not run: {analysis}: {why}")
+
+
 @app.command()
 def doctor() -> None:
     """Check the configuration, Redis, each destination (C-ECHO), tools and model packages."""

@@ -117,6 +117,17 @@ class Settings(BaseSettings):
             raise ValueError("ae_title: must not be blank")
         return v
 
+    @field_validator("data_dir", "spool_dir", "outbox_dir")
+    @classmethod
+    def _under_root(cls, v: Path | None) -> Path | None:
+        # Relative paths mean "under the project root", whatever the current directory.
+        return None if v is None else (v if v.is_absolute() else PROJECT_ROOT / v)
+
+    @field_validator("model_dirs")
+    @classmethod
+    def _dirs_under_root(cls, v: list[Path]) -> list[Path]:
+        return [p if p.is_absolute() else PROJECT_ROOT / p for p in v]
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         names = [d.name for d in self.destinations]
