@@ -1,0 +1,655 @@
+"""Level localizer: data, training, case-grouped cross-validation, evaluation and plots.
+
+Data are folders in the ``lumbar-mri-levels`` format: NIfTI volumes (array axes
+superior->inferior, anterior->posterior, left-right; affine to RAS mm) with a
+``levels.json`` holding per-level vertebral centroids, endplate centres and disc
+points. Each training sample imitates one clinical sagittal series: the 1 mm
+volume is averaged into 3-5 mm slabs around a slice near the spine's mid-plane,
+given a random oblique geometry (in-plane rotation, tilt, pixel size), a cut
+field of view and random contrast, and goes through the very preprocessing the
+localizer uses at inference (:mod:`models.localizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from models.localizer import (
+    CHANNELS,
+    DISCS,
+    GRID_SHAPE,
+    PIXEL_MM,
+    SLAB_MM,
+    VERTEBRAE,
+    LevelLocalizer,
+    LevelNet,
+    LocalizationResult,
+    SagittalGrid,
+    grid_to_voxel,
+    normalise,
+    resample_slices,
+)
+
+#: Training crop of the canonical grid (rows, columns); the network is fully convolutional.
+TRAIN_SHAPE: tuple[int, int] = (112, 96)
+#: In-plane Gaussian width of the heatmap targets (grid pixels).
+SIGMA_PX = 1.2
+#: Left-right fall-off of target heights (mm): the network learns to peak on the mid-plane.
+SIGMA_LR_MM = 6.0
+#: Identification radius (mm) of the metrics.
+ID_RADIUS_MM = 10.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class LevelCase:
+    """One labelled volume, kept as a band of sagittal planes around the spine.
+
+    ``image`` is ``[i, j, k]`` (superior->inferior, anterior->posterior, left-right)
+    in 1 mm voxels; all points are voxel ``(i, j, k)`` of ``image``; ``affine``
+    maps ``(i, j, k, 1)`` of ``image`` to RAS mm.
+    """
+
+    name: str
+    dataset: str
+    image: np.ndarray
+    affine: np.ndarray
+    vertebrae: dict[str, np.ndarray]
+    superior_endplates: dict[str, np.ndarray]
+    axes: dict[str, np.ndarray]  # caudal unit spine axis per vertebra, voxel (i, j, k)
+    discs: dict[str, np.ndarray]
+    approximate_discs: frozenset[str] = frozenset()
+    level_confidence: str = "high"
+
+    @property
+    def mid_k(self) -> float:
+        pts = list(self.vertebrae.values()) or list(self.discs.values())
+        return float(np.mean([p[2] for p in pts]))
+
+
+def load_cases(data_dir: str | Path, names: Sequence[str] | None = None) -> list[LevelCase]:
+    """Read the cases of a ``levels.json`` folder (all, or ``names``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``data_dir`` has no ``levels.json``.
+    """
+    import nibabel as nib
+
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "levels.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"data_dir: no levels.json in {data_dir}")
+    meta = json.loads(meta_path.read_text())
+    cases = []
+    for name, c in sorted(meta["cases"].items()):
+        if names is not None and name not in names:
+            continue
+        img = nib.load(str(data_dir / c["image"]))
+        verts = c.get("vertebrae") or {}
+        discs = c.get("discs") or {}
+        cases.append(LevelCase(
+            name=name,
+            dataset=str(c.get("dataset", name.split("-")[0])),
+            image=np.asarray(img.dataobj),
+            affine=np.asarray(c.get("affine", img.affine), dtype=float),
+            vertebrae={k: np.asarray(v["centroid"]["vox"], float) for k, v in verts.items()},
+            superior_endplates={k: np.asarray(v["superior_endplate"]["vox"], float)
+                                for k, v in verts.items() if "superior_endplate" in v},
+            axes={k: np.asarray(v["spine_axis_caudal"]["vox"], float)
+                  for k, v in verts.items() if "spine_axis_caudal" in v},
+            discs={k: np.asarray(v["vox"], float) for k, v in discs.items()},
+            approximate_discs=frozenset(k for k, v in discs.items() if v.get("approximate")),
+            level_confidence=str(c.get("level_confidence", "high")),
+        ))
+    return cases
+
+
+def to_dicom_geometry(image: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``[i, j, k]`` volume with an RAS affine as a sagittal DICOM-style stack.
+
+    Returns ``array[slice=k, row=i, column=j]`` and the affine from
+    ``(column, row, slice, 1)`` to patient LPS mm.
+    """
+    a = np.asarray(affine_ras, dtype=float)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    out = np.eye(4)
+    out[:3, 0] = flip @ a[:3, 1]
+    out[:3, 1] = flip @ a[:3, 0]
+    out[:3, 2] = flip @ a[:3, 2]
+    out[:3, 3] = flip @ a[:3, 3]
+    return np.ascontiguousarray(np.transpose(image, (2, 0, 1))), out
+
+
+def ras_to_lps(xyz: np.ndarray) -> np.ndarray:
+    """RAS mm -> LPS mm."""
+    return np.asarray(xyz, float) * np.array([-1.0, -1.0, 1.0])
+
+
+def _rotation(axis: np.ndarray, deg: float) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    t = math.radians(deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+
+
+def _gaussians(shape: tuple[int, int], pts: list[tuple[float, float, float]], sigma: float) -> np.ndarray:
+    out = np.zeros(shape, np.float32)
+    rr, qq = np.mgrid[0:shape[0], 0:shape[1]]
+    for r, q, amp in pts:
+        if -3 * sigma <= r <= shape[0] + 3 * sigma and -3 * sigma <= q <= shape[1] + 3 * sigma:
+            g = amp * np.exp(-((rr - r) ** 2 + (qq - q) ** 2) / (2 * sigma ** 2))
+            np.maximum(out, g, out=out)
+    return out
+
+
+def augment_intensity(x: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random contrast (gamma, inversion, random tone curve), bias field and noise in [0, 1]."""
+    x = np.clip(x, 0, 1) ** math.exp(rng.uniform(-0.5, 0.5))
+    if rng.random() < 0.3:  # T1-like: fluid dark
+        x = 1.0 - x
+    if rng.random() < 0.3:  # non-monotonic tone curve: other sequences and vendors
+        knots = np.sort(rng.random(5))
+        knots = np.concatenate([[0.0], knots, [1.0]])
+        x = np.interp(x, np.linspace(0, 1, len(knots)), np.clip(knots + rng.normal(0, 0.15, len(knots)), 0, 1))
+    h, w = x.shape[-2:]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    c = rng.normal(0, 0.4, 6)
+    bias = np.exp(c[0] * (yy - 0.5) + c[1] * (xx - 0.5) + c[2] * (yy - 0.5) ** 2 + c[3] * (xx - 0.5) ** 2
+                  + c[4] * (yy - 0.5) * (xx - 0.5))
+    x = x * bias[None]
+    x = x + rng.normal(0, rng.uniform(0, 0.06), x.shape)
+    if rng.random() < 0.3:
+        x = ndimage.gaussian_filter(x, (0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
+    x = normalise(np.where(valid, np.clip(x, 1e-3, None), 0.0))
+    return x.astype(np.float32)
+
+
+def make_sample(
+    case: LevelCase, rng: np.random.Generator, shape: tuple[int, int] = TRAIN_SHAPE, augment: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training image: input ``[3, H, W]``, target ``[C, H, W]``, loss mask ``[C, H, W]``."""
+    img = case.image
+    ni, nj, nk = img.shape
+    thick = int(rng.integers(3, 6)) if augment else 4
+    step = thick + (int(rng.integers(0, 2)) if augment else 0)
+    kc = int(round(case.mid_k + (rng.uniform(-1.2, 1.2) * step / 2 if augment else 0)))
+    kc = int(np.clip(kc, step + thick, nk - 1 - step - thick))
+    slabs = []
+    for m in (-1, 0, 1):
+        k0 = kc + m * step - thick // 2
+        slabs.append(img[:, :, max(0, k0):max(1, k0 + thick)].astype(np.float32).mean(axis=2))
+    stack = np.stack(slabs)  # [slice, row=i, column=j]
+
+    # field-of-view cuts (rows above / below a random level are not imaged)
+    cut_lo, cut_hi = -1, ni
+    if augment and case.vertebrae:
+        ii = sorted(p[0] for p in case.vertebrae.values())
+        if rng.random() < 0.5:
+            cut_lo = int(rng.uniform(0, max(1.0, ii[len(ii) // 2] - 25)))
+        if rng.random() < 0.12:
+            cut_hi = int(rng.uniform(ii[-2], ni))
+        stack[:, : max(cut_lo, 0)] = 0
+        stack[:, cut_hi:] = 0
+    if augment and rng.random() < 0.5:
+        s = rng.uniform(0.2, 1.2)
+        stack = ndimage.gaussian_filter(stack, (0, s, s))
+
+    # geometry: pixel size, in-plane rotation, oblique tilt, left-right sign
+    sc = rng.uniform(0.85, 1.15, 2) * rng.uniform(0.95, 1.05) if augment else np.ones(2)
+    lr = 1.0 if (not augment or rng.random() < 0.5) else -1.0
+    m0 = np.stack([np.array([0.0, 1.0, 0.0]) * sc[0], np.array([0.0, 0.0, -1.0]) * sc[1],
+                   np.array([lr * step, 0.0, 0.0])], axis=1)
+    rot = np.eye(3)
+    if augment:
+        rot = _rotation([1, 0, 0], rng.uniform(-15, 15)) @ _rotation([0, 0, 1], rng.uniform(-10, 10)) \
+            @ _rotation([0, 1, 0], rng.uniform(-10, 10))
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ m0
+    aff[:3, 3] = rng.normal(0, 20, 3) if augment else 0.0
+    off = (rng.uniform(-0.2, 0.2) * nj * sc[0], rng.uniform(-0.2, 0.2) * ni * sc[1]) if augment else (0.0, 0.0)
+    grid = SagittalGrid.for_stack(stack.shape, aff, offset_mm=off, grid_shape=shape)
+    x = resample_slices(stack, aff, grid, [0, 1, 2])
+    valid = x > 0
+    x = normalise(x)
+    if augment:
+        x = augment_intensity(x, valid, rng)
+        if rng.random() < 0.5:  # the sign of the slice axis is arbitrary
+            x = x[::-1].copy()
+
+    # targets
+    col, row = grid_to_voxel(aff, grid, 1.0)  # voxel (j, i) of every grid pixel
+    mask = np.ones((len(CHANNELS),) + shape, np.float32)
+    band = np.zeros(shape, bool)
+    if cut_lo >= 0:
+        band |= np.abs(row - cut_lo) < 12
+    if cut_hi < ni:
+        band |= np.abs(row - cut_hi) < 12
+    mask[:, band] = 0.0
+    top = min(case.vertebrae, key=lambda n: case.vertebrae[n][0]) if case.vertebrae else None
+    if top is not None and top in case.superior_endplates and top in case.axes:
+        # levels above the top labelled body are visible but unlabelled: neither positive nor negative
+        ax = case.axes[top][:2] / np.linalg.norm(case.axes[top][:2])
+        e = case.superior_endplates[top][:2] + 3.0 * ax
+        above = (row - e[0]) * ax[0] + (col - e[1]) * ax[1] < 0
+        mask[0][above] = 0.0
+        mask[1][above] = 0.0
+
+    def project(vox: np.ndarray) -> tuple[float, float, float] | None:
+        i, j, k = vox
+        if not cut_lo < i < cut_hi:
+            return None
+        p = aff[:3, :3] @ np.array([j, i, 1.0 + (k - kc) / step]) + aff[:3, 3]
+        r, q, _ = grid.patient_to_pixel(p)[0]
+        return float(r), float(q), float(math.exp(-((k - kc) ** 2) / (2 * SIGMA_LR_MM ** 2)))
+
+    groups: list[list[tuple[float, float, float]]] = [[], [], []]
+    for v in case.vertebrae.values():
+        if (t := project(v)) is not None:
+            groups[0].append(t)
+    for name, d in case.discs.items():
+        if (t := project(d)) is not None:
+            groups[1].append(t)
+            if name == "L5-S1":
+                groups[2].append(t)
+    y = np.stack([_gaussians(shape, g, SIGMA_PX) for g in groups])
+    return x.astype(np.float32), y, mask
+
+
+class LevelSamples(torch.utils.data.Dataset):
+    """Random training samples from cases (``length`` draws per epoch)."""
+
+    def __init__(self, cases: Sequence[LevelCase], length: int, seed: int = 0, augment: bool = True) -> None:
+        if not cases:
+            raise ValueError("cases: need at least one case")
+        self.cases, self.length, self.seed, self.augment = list(cases), int(length), int(seed), augment
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        x, y, m = make_sample(case, rng, augment=self.augment)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked squared error, with the rare positive pixels weighted up."""
+    w = mask * (1.0 + 20.0 * target)
+    w = w * torch.tensor([1.0, 1.0, 2.0], device=pred.device)[None, :, None, None]
+    return (w * (pred - target) ** 2).sum() / w.sum().clamp_min(1.0)
+
+
+def train_model(
+    cases: Sequence[LevelCase],
+    steps: int = 600,
+    batch_size: int = 12,
+    lr: float = 3e-3,
+    seed: int = 0,
+    widths: Sequence[int] = (8, 16, 24, 32, 48, 64),
+    threads: int = 2,
+    workers: int = 1,
+    log: Any = None,
+) -> LevelNet:
+    """Train a :class:`LevelNet` for ``steps`` steps (AdamW, one-cycle schedule)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    net = LevelNet(widths=widths)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    ds = LevelSamples(cases, length=steps * batch_size, seed=seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                         persistent_workers=False)
+    net.train()
+    t0, running = time.time(), None
+    for step, (x, y, m) in enumerate(loader):
+        loss = heatmap_loss(net(x), y, m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if log is not None and (step % 50 == 0 or step == steps - 1):
+            log(f"step {step + 1}/{steps} loss {running:.4f} ({time.time() - t0:.0f} s)")
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class CaseScore:
+    """Predictions and errors of one case."""
+
+    name: str
+    errors: dict[str, float] = field(default_factory=dict)  # level -> mm (predicted and labelled)
+    identified: dict[str, bool] = field(default_factory=dict)  # every labelled level
+    mislabelled: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # predicted, not labelled
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    predicted: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def score_case(case: LevelCase, result: LocalizationResult, seconds: float = 0.0) -> CaseScore:
+    """Compare a localization with a case's labels (patient LPS mm)."""
+    affine = case.affine
+    to_mm = lambda vox: ras_to_lps(affine[:3, :3] @ vox + affine[:3, 3])  # noqa: E731
+    truth = {n: to_mm(v) for n, v in case.vertebrae.items()}
+    truth.update({n: to_mm(v) for n, v in case.discs.items()})
+    pred = {p.name: np.asarray(p.point_mm) for p in result.points}
+    sc = CaseScore(case.name, reason=result.reason, warnings=list(result.warnings),
+                   predicted={k: v.round(2).tolist() for k, v in pred.items()}, seconds=seconds)
+    for kind in (VERTEBRAE, DISCS):
+        labelled = {n: p for n, p in truth.items() if n in kind}
+        for name, t in labelled.items():
+            if name not in pred:
+                sc.identified[name] = False
+                continue
+            err = float(np.linalg.norm(pred[name] - t))
+            nearest = min(labelled, key=lambda n: np.linalg.norm(pred[name] - labelled[n]))
+            sc.errors[name] = err
+            sc.identified[name] = err <= ID_RADIUS_MM and nearest == name
+        for name, p in pred.items():
+            if name not in kind or not labelled:
+                continue
+            nearest = min(labelled, key=lambda n: np.linalg.norm(p - labelled[n]))
+            if nearest != name and np.linalg.norm(p - labelled[nearest]) <= ID_RADIUS_MM:
+                sc.mislabelled.append(f"{name} at {nearest}")
+            if name not in labelled:
+                sc.extra.append(name)
+    return sc
+
+
+def summarise(scores: Sequence[CaseScore], cases: Sequence[LevelCase]) -> dict[str, Any]:
+    """Overall and per-level metrics from case scores."""
+    approx = {c.name: c.approximate_discs for c in cases}
+    vert_id, disc_id, approx_id = [], [], []
+    vert_err, disc_err, approx_err = [], [], []
+    per_level: dict[str, dict[str, list]] = {}
+    for s in scores:
+        for name, ok in s.identified.items():
+            is_approx = name in approx.get(s.name, ())
+            e = s.errors.get(name)
+            if name in VERTEBRAE:
+                vert_id.append(ok)
+                if e is not None:
+                    vert_err.append(e)
+            elif is_approx:
+                approx_id.append(ok)
+                if e is not None:
+                    approx_err.append(e)
+            else:
+                disc_id.append(ok)
+                if e is not None:
+                    disc_err.append(e)
+            key = name + (" (approximate)" if is_approx else "")
+            d = per_level.setdefault(key, {"identified": [], "errors": []})
+            d["identified"].append(ok)
+            if e is not None:
+                d["errors"].append(e)
+
+    def rate(v: list[bool]) -> float | None:
+        return float(np.mean(v)) if v else None
+
+    def stat(v: list[float], q: float | None = None) -> float | None:
+        if not v:
+            return None
+        return float(np.percentile(v, q)) if q is not None else float(np.mean(v))
+
+    return {
+        "n_studies": len(scores),
+        "id_rate": rate(vert_id),
+        "mean_error_mm": stat(vert_err),
+        "p95_error_mm": stat(vert_err, 95),
+        "disc_id_rate": rate(disc_id),
+        "disc_mean_error_mm": stat(disc_err),
+        "disc_p95_error_mm": stat(disc_err, 95),
+        "l5s1_approximate_id_rate": rate(approx_id),
+        "l5s1_approximate_mean_error_mm": stat(approx_err),
+        "studies_mislabelled": sum(1 for s in scores if s.mislabelled),
+        "studies_with_missed_levels": sum(1 for s in scores if not all(s.identified.values())),
+        "studies_without_result": sum(1 for s in scores if s.reason),
+        "n_vertebrae": len(vert_id),
+        "n_discs": len(disc_id),
+        "mean_seconds_per_study": stat([s.seconds for s in scores]),
+        "per_level": {
+            k: {"n": len(v["identified"]), "id_rate": rate(v["identified"]),
+                "mean_error_mm": stat(v["errors"]), "p95_error_mm": stat(v["errors"], 95)}
+            for k, v in sorted(per_level.items(), key=lambda kv: _level_order(kv[0]))
+        },
+        "mislabelled": {s.name: s.mislabelled for s in scores if s.mislabelled},
+        "missed": {s.name: sorted(n for n, ok in s.identified.items() if not ok)
+                   for s in scores if not all(s.identified.values())},
+        "no_result": {s.name: s.reason for s in scores if s.reason},
+    }
+
+
+def _level_order(key: str) -> int:
+    from models.localizer import CRANIOCAUDAL
+
+    name = key.split(" ")[0]
+    return CRANIOCAUDAL.index(name) if name in CRANIOCAUDAL else 99
+
+
+def localize_case(localizer: LevelLocalizer, case: LevelCase) -> tuple[LocalizationResult, float]:
+    """Run the localizer on a case converted to DICOM geometry; returns result and seconds."""
+    array, affine = to_dicom_geometry(case.image, case.affine)
+    t0 = time.perf_counter()
+    result = localizer(array, affine)
+    return result, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_overlay(case: LevelCase, score: CaseScore, path: Path) -> None:
+    """Mid-sagittal slice with labelled (green) and predicted (red) points and names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = int(round(case.mid_k))
+    img = case.image[:, :, int(np.clip(k, 0, case.image.shape[2] - 1))]
+    inv = np.linalg.inv(case.affine)
+    fig, ax = plt.subplots(figsize=(4, 4 * img.shape[0] / max(img.shape[1], 1) * 0.8 + 0.5))
+    ax.imshow(img, cmap="gray", aspect="equal")
+    for name, v in {**case.vertebrae, **case.discs}.items():
+        ax.plot(v[1], v[0], "+", color="lime", ms=7)
+    for name, mm in score.predicted.items():
+        ras = ras_to_lps(np.asarray(mm))
+        v = inv[:3, :3] @ ras + inv[:3, 3]
+        wrong = name in score.identified and not score.identified[name]
+        ax.plot(v[1], v[0], "x", color="red" if wrong else "orange", ms=6)
+        if name in VERTEBRAE:
+            ax.text(v[1] - 6, v[0], name, color="red" if wrong else "yellow", fontsize=7, ha="right")
+    title = case.name + (" MISLABELLED" if score.mislabelled else "") + (f"\n{score.reason[:60]}" if score.reason else "")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_errors(metrics: dict[str, Any], path: Path) -> None:
+    """Bar plot of identification rate and mean error per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = metrics["per_level"]
+    names = list(per)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names)), 6), sharex=True)
+    a1.bar(names, [per[n]["mean_error_mm"] or 0 for n in names], color="tab:blue", label="mean")
+    a1.plot(names, [per[n]["p95_error_mm"] or 0 for n in names], "k_", ms=14, label="p95")
+    a1.set_ylabel("error (mm)")
+    a1.legend(fontsize=8)
+    a2.bar(names, [100 * (per[n]["id_rate"] or 0) for n in names], color="tab:green")
+    a2.set_ylabel("identified (%)")
+    a2.set_ylim(0, 105)
+    plt.setp(a2.get_xticklabels(), rotation=60, ha="right", fontsize=8)
+    fig.suptitle(f"{metrics['n_studies']} studies: id {100 * (metrics['id_rate'] or 0):.1f}%, "
+                 f"mean {metrics['mean_error_mm'] or float('nan'):.2f} mm", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(cases: Sequence[LevelCase], scores: Sequence[CaseScore], out_dir: Path,
+                 overlays: bool = True) -> dict[str, Any]:
+    """metrics.json, per-case predictions, the error plot and one overlay per case."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = summarise(scores, cases)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "cases.json").write_text(json.dumps([s.__dict__ for s in scores], indent=2))
+    plot_errors(metrics, out_dir / "error_per_level.png")
+    if overlays:
+        (out_dir / "overlays").mkdir(exist_ok=True)
+        by_name = {c.name: c for c in cases}
+        for s in scores:
+            plot_overlay(by_name[s.name], s, out_dir / "overlays" / f"{s.name}.png")
+    return metrics
+
+
+# --------------------------------------------------------------------------- packages
+
+
+def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], metrics: dict[str, Any],
+                 version: str = "1.0.0") -> Path:
+    """Write ``config.json`` + fp16 ``model.safetensors`` (+ its sha256) to ``out_dir``."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    cfg = {
+        "name": "discus-levels",
+        "architecture": "LevelNet",
+        "task": "levels",
+        "version": version,
+        "input_size": list(GRID_SHAPE),
+        "in_chans": 3,
+        "class_names": list(CHANNELS),
+        "preprocessing": {"pixel_mm": PIXEL_MM, "grid_shape": list(GRID_SHAPE), "slab_mm": SLAB_MM,
+                          "normalise": "1st-99.5th percentile of non-zero pixels to 0-1",
+                          "channels": "image with its two neighbouring slices"},
+        "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": 0.3},
+        "model_kwargs": {"widths": list(net.widths)},
+        "training": training,
+        "metrics": metrics,
+        "weights": "model.safetensors",
+        "sha256": digest,
+    }
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def case_folds(cases: Sequence[LevelCase], folds: int = 5, seed: int = 0) -> list[list[str]]:
+    """Case-grouped folds, each dataset spread evenly over the folds."""
+    rng = np.random.default_rng(seed)
+    out: list[list[str]] = [[] for _ in range(folds)]
+    n = 0
+    for ds in sorted({c.dataset for c in cases}):
+        names = sorted(c.name for c in cases if c.dataset == ds)
+        rng.shuffle(names)
+        for name in names:
+            out[n % folds].append(name)
+            n += 1
+    return out
+
+
+def cross_validate(
+    data_dir: str | Path, out_dir: str | Path, folds: int = 5, steps: int = 600, seed: int = 0,
+    log: Any = print, only_folds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Case-grouped k-fold CV: train on k-1 folds, localize the held-out cases, report all."""
+    out = Path(out_dir)
+    cases = load_cases(data_dir)
+    splits = case_folds(cases, folds, seed)
+    scores: list[CaseScore] = []
+    for f, held in enumerate(splits):
+        if only_folds is not None and f not in only_folds:
+            continue
+        train = [c for c in cases if c.name not in held]
+        log(f"fold {f + 1}/{folds}: train {len(train)} cases, test {len(held)}")
+        net = train_model(train, steps=steps, seed=seed + f, log=log)
+        loc = LevelLocalizer(net, {})
+        for c in cases:
+            if c.name in held:
+                res, sec = localize_case(loc, c)
+                scores.append(score_case(c, res, sec))
+        (out / "folds").mkdir(parents=True, exist_ok=True)
+        (out / "folds" / f"fold{f}.json").write_text(json.dumps([s.__dict__ for s in scores], indent=2))
+    metrics = write_report([c for c in cases if any(s.name == c.name for s in scores)], scores, out)
+    metrics["folds"] = splits
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def train_levels(
+    data_dir: str | Path, package_dir: str | Path, out_dir: str | Path | None = None, folds: int = 5,
+    steps: int = 600, seed: int = 0, log: Any = print,
+) -> Path:
+    """Cross-validate (when ``folds`` > 1 and ``out_dir`` given), then train on all cases and ship.
+
+    The package's ``metrics`` are the cross-validation metrics, never the training fit.
+    """
+    metrics: dict[str, Any] = {}
+    if folds > 1 and out_dir is not None:
+        cv = cross_validate(data_dir, out_dir, folds=folds, steps=steps, seed=seed, log=log)
+        metrics = {k: cv[k] for k in ("n_studies", "id_rate", "mean_error_mm", "p95_error_mm",
+                                      "disc_id_rate", "l5s1_approximate_id_rate",
+                                      "studies_mislabelled", "studies_with_missed_levels")}
+        metrics["evaluation"] = f"case-grouped {folds}-fold cross-validation"
+    cases = load_cases(data_dir)
+    log(f"final model: {len(cases)} cases")
+    net = train_model(cases, steps=steps, seed=seed, log=log)
+    training = {
+        "data": {"cases": len(cases), "datasets": {d: sum(c.dataset == d for c in cases)
+                                                   for d in sorted({c.dataset for c in cases})}},
+        "folds": folds, "seed": seed, "steps": steps, "batch_size": 12,
+        "train_shape": list(TRAIN_SHAPE),
+    }
+    return save_package(net, package_dir, training, metrics)
+
+
+def evaluate_levels(data_dir: str | Path, out_dir: str | Path, package: str | Path | None = None,
+                    overlays: bool = True) -> dict[str, Any]:
+    """Localize every case of ``data_dir`` with a package and write metrics and plots to ``out_dir``."""
+    package = Path(package) if package is not None else default_package()
+    loc = LevelLocalizer.from_package(package)
+    cases = load_cases(data_dir)
+    scores = []
+    for c in cases:
+        res, sec = localize_case(loc, c)
+        scores.append(score_case(c, res, sec))
+    return write_report(cases, scores, Path(out_dir), overlays=overlays)
+
+
+def default_package() -> Path:
+    """The shipped levels package."""
+    return Path(__file__).resolve().parents[1] / "models" / "packages" / "levels"
