@@ -25,6 +25,9 @@ class Instance:
     rows: int | None = None
     columns: int | None = None
     number_of_frames: int = 1
+    transfer_syntax_uid: str = ""
+    image_type: tuple[str, ...] = ()  # ImageType values, e.g. ("ORIGINAL", "PRIMARY", "LOCALIZER")
+    view_position: str = ""  # ViewPosition (projection radiography), e.g. "AP", "LL"
 
 
 @dataclass
@@ -40,6 +43,12 @@ class Series:
     instances: list[Instance] = field(default_factory=list)
     role: SeriesRoleValues = SeriesRoleValues.OTHER
     role_reason: str = "not yet classified"
+    series_number: int | None = None
+    protocol_name: str = ""
+    scanning_sequence: str = ""  # ScanningSequence, e.g. "SE", "IR", "GR"
+    inversion_time: float | None = None  # InversionTime, ms
+    image_type: tuple[str, ...] = ()  # ImageType of the first instance
+    view_position: str = ""  # ViewPosition of the first instance (DX, CR)
 
 
 @dataclass
@@ -51,3 +60,10 @@ class Study:
     series: list[Series] = field(default_factory=list)
     folder: Path | None = None
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+    @classmethod
+    def from_folder(cls, folder: Path | str) -> Study:
+        """Build a study from the headers of the files under ``folder`` (see ``dicom_io.headers``)."""
+        from dicom_io.headers import load_study
+
+        return load_study(folder)
