@@ -205,9 +205,10 @@ def _algorithm_id(result: StudyResult, finding: Finding) -> hd.sr.AlgorithmIdent
     )
 
 
-def _contributing_equipment(
+def contributing_equipment(
     result: StudyResult, manufacturer: str, institution: str | None, when: str
 ) -> list[hd.ContributingEquipment]:
+    """Contributing Equipment items ("Processing Equipment") for the result's models."""
     items = []
     for m in sorted(result.models, key=lambda m: (m.name, m.version)):
         try:
@@ -389,7 +390,7 @@ def _document(
         is_verified=False,
         institution_name=institution,
         previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=_contributing_equipment(
+        contributing_equipment=contributing_equipment(
             result, manufacturer, institution, date + time
         ),
         series_description=SR_SERIES_DESCRIPTION,
