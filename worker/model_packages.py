@@ -99,7 +99,7 @@ class ModelPackages:
             if task == LOCALIZER_TASK:
                 from models.localizer import LevelLocalizer
 
-                obj = LevelLocalizer.from_package(folder, **self._device_kw())
+                obj = LevelLocalizer.from_package(folder)
             else:
                 from models.predictor import Predictor
 

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_io.results import SeriesRoleValues, SeriesUse, StatusValues, StudyResult
+from dicom_io.results import SeriesRoleValues, StatusValues, StudyResult
+from dicom_io.selection import assign_roles, series_uses
 from dicom_io.study import Series, Study
 from dicom_io.volume import Volume
 from worker.analysis import AnalysisOptions, Run
@@ -47,8 +48,6 @@ def _not_performed(result: StudyResult, reason: str) -> StudyResult:
 
 def _select(study: Study) -> None:
     """Give every series its role and reason (the declarative rules of dicom_io.selection)."""
-    from dicom_io.selection import assign_roles
-
     assign_roles(study)
 
 
@@ -132,6 +131,9 @@ def _analyze(run: Run, folder: Path) -> None:
     from dicom_io.headers import load_study
 
     result = run.result
+    if not folder.is_dir():
+        _not_performed(result, f"study folder {folder} does not exist")
+        return
     with run.stage("load"):
         study = load_study(folder)
     if study.study_instance_uid:
@@ -143,10 +145,7 @@ def _analyze(run: Run, folder: Path) -> None:
         return
     with run.stage("select"):
         _select(study)
-    result.series = [
-        SeriesUse(s.series_instance_uid, s.role, s.role_reason, s.description, s.modality)
-        for s in study.series
-    ]
+    result.series = series_uses(study)
     roles = {s.role for s in study.series}
     if roles & set(_MR_ROLES):
         result.modality = "MR"
@@ -255,7 +254,7 @@ def encode_outputs(
     """
     import pydicom
 
-    from dicom_io.outputs import encode_all
+    from dicom_io.sc import encode_all
 
     if result.status is StatusValues.NOT_PERFORMED and not not_performed_sr:
         return []
