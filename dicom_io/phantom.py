@@ -285,6 +285,7 @@ class Anatomy:
     trunk: dict[str, float]
     variation: dict[str, Any]
     top: str = "T12"
+    overrides: dict[str, Any] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def levels_mm(self) -> dict[str, list[float]]:
@@ -378,8 +379,10 @@ def make_anatomy(
 
     rng = np.random.default_rng([int(seed), 0x5B1E])
 
+    # Every draw happens whatever is overridden, so an override changes only its own value.
     def pick(key: str, lo: float, hi: float) -> float:
-        return float(variation[key]) if key in variation else float(rng.uniform(lo, hi))
+        drawn = float(rng.uniform(lo, hi))
+        return float(variation[key]) if key in variation else drawn
 
     sacral_slope = pick("sacral_slope_deg", 30.0, 42.0)
     lordosis = pick("lordosis_deg", 35.0, 55.0)
@@ -389,19 +392,24 @@ def make_anatomy(
     dp_ref = pick("body_depth_mm", 27.0, 33.0)
     cw_ref = pick("canal_width_mm", 20.0, 26.0)
     cd_ref = pick("canal_depth_mm", 14.0, 18.0)
-    rot = variation.get("rotation_deg")
-    rot = np.asarray(rot, float) if rot is not None else rng.uniform(-3.0, 3.0, 3)
-    off = variation.get("offset_mm")
-    off = np.asarray(off, float) if off is not None else rng.uniform([-15, -10, -20], [15, 10, 20])
-    scol_default = float(rng.uniform(14.0, 26.0)) * rng.choice([-1.0, 1.0])
-    scoliosis = float(variation.get("scoliosis_mm", scol_default if xray.label == "scoliosis"
-                                    else rng.uniform(-2.0, 2.0)))
-    slip_default = float(rng.uniform(7.0, 12.0))
-    slip = float(variation.get("slip_mm", slip_default if xray.label == "spondylolisthesis" else 0.0))
-    slip_level = variation.get("slip_level", str(rng.choice(["L4", "L5"])))
+    rot = rng.uniform(-3.0, 3.0, 3)
+    rot = np.asarray(variation.get("rotation_deg", rot), float)
+    off = rng.uniform([-15, -10, -20], [15, 10, 20])
+    off = np.asarray(variation.get("offset_mm", off), float)
+    if rot.shape != (3,) or off.shape != (3,):
+        raise ValueError(f"rotation_deg/offset_mm: expected 3 values each, got {rot.shape}, {off.shape}")
+    scol_curve = float(rng.uniform(14.0, 26.0)) * float(rng.choice([-1.0, 1.0]))
+    scol_small = float(rng.uniform(-2.0, 2.0))
+    scoliosis = float(variation.get("scoliosis_mm", scol_curve if xray.label == "scoliosis" else scol_small))
+    slip_drawn = float(rng.uniform(7.0, 12.0))
+    slip = float(variation.get("slip_mm", slip_drawn if xray.label == "spondylolisthesis" else 0.0))
+    level_drawn = str(rng.choice(["L4", "L5"]))
+    slip_level = variation.get("slip_level", level_drawn)
     if slip_level not in ("L4", "L5"):
         raise ValueError(f"slip_level: must be 'L4' or 'L5', got {slip_level!r}")
     fat = pick("subcutaneous_fat_mm", 12.0, 35.0)
+    # Everything below draws per level, in a fixed order.
+    rng = np.random.default_rng([int(seed), 0x5B1F])
 
     # Tilt of each segment's cranial axis from +z towards anterior (deg): S1 follows the
     # sacral slope, and the lordosis unwinds towards L1, then a slight kyphosis above.
@@ -565,7 +573,8 @@ def make_anatomy(
             "offset_mm": [float(o) for o in off], "scoliosis_mm": scoliosis, "slip_mm": slip,
             "slip_level": slip_level, "subcutaneous_fat_mm": fat}
     return Anatomy(seed=int(seed), vertebrae=vertebrae, discs=discs, sacrum=sacrum,
-                   findings=findings, xray=xray, trunk=trunk, variation=used, top=top)
+                   findings=findings, xray=xray, trunk=trunk, variation=used, top=top,
+                   overrides=dict(variation))
 
 
 # ----------------------------------------------------------------------------- painting
@@ -1135,6 +1144,129 @@ def render_mr(
                           description=desc, contrast=contrast, plane=plane, extra=extra, labels=lab_mid)
 
 
+def render_ct(
+    anatomy: Anatomy,
+    *,
+    n_slices: int | None = None,
+    slice_thickness: float | None = None,
+    pixel_mm: float | None = None,
+    fov_mm: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> RenderedSeries:
+    """Render an axial CT stack of the lumbar spine in Hounsfield units.
+
+    True axial slices (no gantry tilt) of 3 mm from above L1-L2 to below L5-S1,
+    200 mm field of view on 256 x 256 pixels by default; bone bright, discs soft
+    tissue, fat negative.
+    """
+    thick = slice_thickness or 3.0
+    fov = fov_mm or 200.0
+    px = pixel_mm or fov / 256.0
+    size = int(round(fov / px))
+    lumbar = [d for d in LUMBAR_DISCS if d in anatomy.discs]
+    pts = np.array([anatomy.discs[d].centre for d in lumbar])
+    z_hi, z_lo = float(pts[:, 2].max()) + 12.0, float(pts[:, 2].min()) - 12.0
+    n = n_slices or int(math.ceil((z_hi - z_lo) / thick)) + 1
+    centre = np.array([anatomy.midline_x(), float(pts[:, 1].mean()) + 22.0, (z_hi + z_lo) / 2])
+    shape = (n, size, size)
+    aff = _grid_affine(np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), centre, shape, px, thick)
+    rng = rng or _series_rng(anatomy, "ct")
+    labels = label_map(anatomy, shape, aff)
+    img = _shade(labels, "CT", rng, 1, px)
+    img = img + rng.normal(0.0, 12.0, img.shape).astype(np.float32)  # quantum noise
+    extra = {"SliceThickness": thick, "KVP": 120, "ConvolutionKernel": "STANDARD",
+             "WindowCenter": 400.0, "WindowWidth": 1800.0}
+    return RenderedSeries(array=np.clip(img, -1024, 3000).astype(np.float32), affine=aff, modality="CT",
+                          description="CT L-SPINE AXIAL", contrast=None, plane="axial", extra=extra,
+                          labels=labels)
+
+
+#: Linear attenuation per mm (relative to water at about 0.02) for the radiographs.
+_MU: dict[Tissue, float] = {
+    Tissue.AIR: 0.0, Tissue.FAT: 0.017, Tissue.MUSCLE: 0.021, Tissue.VISCERA: 0.0195,
+    Tissue.CORTEX: 0.075, Tissue.MARROW: 0.032, Tissue.ANNULUS: 0.022, Tissue.NUCLEUS: 0.021,
+    Tissue.NUCLEUS_DEGENERATED: 0.022, Tissue.HERNIATION: 0.022, Tissue.CSF: 0.02, Tissue.NERVE: 0.02,
+    Tissue.EPIDURAL_FAT: 0.017, Tissue.LIGAMENT: 0.022, Tissue.VESSEL: 0.021, Tissue.FORAMEN_FAT: 0.017,
+}
+
+
+def render_dx(
+    anatomy: Anatomy,
+    view: str = "AP",
+    xray: XrayFindings | None = None,
+    *,
+    pixel_mm: float = 0.8,
+    voxel_mm: float = 2.0,
+    rng: np.random.Generator | None = None,
+) -> RenderedSeries:
+    """Render a lumbar radiograph (parallel projection) as one 0..4095 image.
+
+    Parameters
+    ----------
+    view : str
+        ``AP`` (coronal projection, patient left on the image right) or ``LAT``
+        (left lateral, anterior on the image left).
+    xray : XrayFindings, optional
+        When it differs from ``anatomy.xray``, the anatomy is rebuilt from its seed
+        with this finding (scoliosis curves the column on the AP view;
+        spondylolisthesis slips L4 or L5 forwards on the lateral view).
+    pixel_mm, voxel_mm : float
+        Output pixel size and the size of the voxels integrated along the beam.
+
+    Raises
+    ------
+    ValueError
+        If ``view`` is unknown.
+    """
+    _check_kind("view", view, ("AP", "LAT"))
+    if xray is not None and xray.label != anatomy.xray.label:
+        overrides = {k: v for k, v in anatomy.overrides.items()
+                     if k not in ("scoliosis_mm", "slip_mm", "xray")}
+        anatomy = make_anatomy(anatomy.seed, anatomy.findings, anatomy.top, xray=xray, **overrides)
+    t = anatomy.trunk
+    tops = [v.superior_endplate[2] for v in anatomy.vertebrae.values()]
+    z_hi = float(max(tops)) + 30.0
+    z_lo = float(anatomy.sacrum[-1].inferior_endplate[2]) - 30.0
+    half_x = min(t["a"], 150.0)
+    lo = np.array([t["x"] - half_x, t["y"] - t["b"], z_lo])
+    hi = np.array([t["x"] + half_x, t["y"] + t["b"], z_hi])
+    n = np.ceil((hi - lo) / voxel_mm).astype(int) + 1
+    aff = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    aff[:3, 3] = lo
+    labels = label_map(anatomy, (int(n[2]), int(n[1]), int(n[0])), aff)  # [z, y, x]
+    mu = np.zeros(max(Tissue) + 1, np.float32)
+    for tissue, value in _MU.items():
+        mu[int(tissue)] = value
+    att = mu[labels]
+    if view == "AP":
+        proj = att.sum(axis=1) * voxel_mm  # [z, x]
+        row_dir, plane_pt = np.array([1.0, 0.0, 0.0]), np.array([lo[0], np.mean([
+            v.centroid[1] for v in anatomy.vertebrae.values()]), z_hi])
+    else:
+        proj = att.sum(axis=2) * voxel_mm  # [z, y]
+        row_dir, plane_pt = np.array([0.0, 1.0, 0.0]), np.array([anatomy.midline_x(), lo[1], z_hi])
+    proj = proj[::-1]  # rows run head to foot
+    proj = ndimage.zoom(proj, voxel_mm / pixel_mm, order=1)
+    # Detector processing: log image with unsharp masking, as on a clinical workstation.
+    sharp = proj + 1.5 * (proj - ndimage.gaussian_filter(proj, 12.0 / pixel_mm))
+    body = proj > 0.5
+    lo_v, hi_v = np.percentile(sharp[body], [0.5, 99.8]) if body.any() else (0.0, 1.0)
+    img = np.clip((sharp - lo_v) / max(hi_v - lo_v, 1e-6), 0.0, 1.0) ** 0.8 * 3800.0 + 100.0
+    img[~body] = 60.0
+    rng = rng or _series_rng(anatomy, f"dx:{view}")
+    img = img + rng.normal(0.0, 18.0, img.shape)
+    img = np.clip(img, 0.0, 4095.0).astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * pixel_mm
+    affine[:3, 1] = np.array([0.0, 0.0, -1.0]) * pixel_mm
+    affine[:3, 2] = np.cross(row_dir, [0.0, 0.0, -1.0])
+    affine[:3, 3] = plane_pt
+    desc = "L-SPINE AP" if view == "AP" else "L-SPINE LAT"
+    extra = {"ViewPosition": "AP" if view == "AP" else "LL", "KVP": 85 if view == "AP" else 95}
+    return RenderedSeries(array=img[None], affine=affine, modality="DX", description=desc, contrast=None,
+                          plane="coronal" if view == "AP" else "sagittal", extra=extra)
+
+
 # ----------------------------------------------------------------------------- ground truth
 
 
@@ -1155,3 +1287,86 @@ def ground_truth(anatomy: Anatomy, xray: XrayFindings | None = None) -> dict:
         "xray": xr.label,
         "variation": anatomy.variation,
     }
+
+
+def _study_key(modality: str, seed: int, anatomy: Anatomy) -> str:
+    gt = ground_truth(anatomy)
+    blob = json.dumps({"m": modality, "f": gt["findings"], "x": gt["xray"], "v": gt["variation"],
+                       "t": anatomy.top}, sort_keys=True)
+    return f"discus-phantom:{modality}:{seed}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def write_demo_study(
+    out: Path,
+    modality: str = "MR",
+    seed: int = 0,
+    findings: dict[str, LevelFindings] | None = None,
+    xray: XrayFindings | None = None,
+    **kw: Any,
+) -> Path:
+    """Write a synthetic lumbar study as DICOM files with its ground truth beside it.
+
+    Parameters
+    ----------
+    out : Path
+        Folder for ``<series folder>/<NNNN>.dcm`` and ``ground_truth.json``.
+    modality : str
+        ``MR`` (SAG T2, SAG T1, AX T2), ``CT`` (one axial series) or ``DX`` (AP
+        and lateral radiographs).
+    seed : int
+        Seeds the anatomy, the findings (when not given), noise and UIDs.
+    findings : dict of str to LevelFindings, optional
+        Findings per disc; drawn with :func:`random_findings` when None.
+    xray : XrayFindings, optional
+        The radiographic finding; for DX drawn from the seed when None, otherwise normal.
+    **kw
+        ``top`` and the variation keywords of :func:`make_anatomy`.
+
+    Returns
+    -------
+    Path
+        The ground-truth JSON file. Same arguments give byte-identical files.
+
+    Raises
+    ------
+    ValueError
+        If ``modality`` is unknown.
+    """
+    from dicom_io.writer import StudyInfo, write_series
+
+    _check_kind("modality", modality, ("MR", "CT", "DX"))
+    rng = np.random.default_rng([int(seed), 0xF1D])
+    if findings is None:
+        findings = random_findings(rng)
+    if xray is None:
+        xray = XrayFindings(str(rng.choice(XRAY_LABELS))) if modality == "DX" else XrayFindings()
+    top = kw.pop("top", "T12")
+    anatomy = make_anatomy(seed, findings, top, xray=xray, **kw)
+    key = _study_key(modality, seed, anatomy)
+    study = StudyInfo(uid_seed=key, patient_id=f"PHANTOM-{seed:06d}", accession_number=f"SYN{seed:06d}",
+                      study_description=f"SYNTHETIC LUMBAR SPINE {modality} PHANTOM")
+    if modality == "MR":
+        series = [render_mr(anatomy, "T2", "sagittal"), render_mr(anatomy, "T1", "sagittal"),
+                  render_mr(anatomy, "T2", "axial")]
+        series[1].description = "SAG T1"
+    elif modality == "CT":
+        series = [render_ct(anatomy)]
+    else:
+        series = [render_dx(anatomy, "AP"), render_dx(anatomy, "LAT")]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    listing = []
+    for number, r in enumerate(series, start=1):
+        folder = f"{number:02d}-{r.description.replace(' ', '_')}"
+        files = write_series(r.array, r.affine, out / folder, modality=r.modality, study=study,
+                             series_description=r.description, series_number=number, extra=r.extra,
+                             uid_seed=f"{key}:{number}")
+        listing.append({"folder": folder, "description": r.description, "modality": r.modality,
+                        "plane": r.plane, "contrast": r.contrast, "series_number": number,
+                        "instances": len(files)})
+    truth = ground_truth(anatomy, xray)
+    truth.update({"modality": modality, "study_instance_uid": study.study_instance_uid,
+                  "frame_of_reference_uid": study.frame_of_reference_uid, "series": listing})
+    path = out / "ground_truth.json"
+    path.write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n")
+    return path
