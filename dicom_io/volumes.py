@@ -278,6 +278,15 @@ def _paths(source: Series | list[Instance] | list[Any]) -> list[Path]:
     return paths
 
 
+def _all_slices(series: Series | list[Instance] | list[Any], min_slices: int) -> list[_Slice]:
+    if min_slices < 1:
+        raise ValueError(f"min_slices: must be >= 1, got {min_slices}")
+    paths = _paths(series)
+    if not paths:
+        raise PixelDataError("no image in the series")
+    return [s for p in paths for s in _slices_of(p)]
+
+
 def load_volumes(series: Series | list[Instance] | list[Any], min_slices: int = 2) -> list[Volume]:
     """Every stack of a series as a Volume, largest first.
 
@@ -308,12 +317,7 @@ def load_volumes(series: Series | list[Instance] | list[Any], min_slices: int = 
     ValueError
         If ``min_slices`` < 1.
     """
-    if min_slices < 1:
-        raise ValueError(f"min_slices: must be >= 1, got {min_slices}")
-    paths = _paths(series)
-    if not paths:
-        raise PixelDataError("no image in the series")
-    slices = [s for p in paths for s in _slices_of(p)]
+    slices = _all_slices(series, min_slices)
     stacks: list[list[_Slice]] = []
     for group in _group(slices):
         ordered, d = _sorted_along_normal(group)
@@ -333,12 +337,7 @@ def load_volume(series: Series | list[Instance] | list[Any], min_slices: int = 2
     :class:`GeometryError` is raised when slices are not parallel, not evenly
     spaced, or not on one line.
     """
-    if min_slices < 1:
-        raise ValueError(f"min_slices: must be >= 1, got {min_slices}")
-    paths = _paths(series)
-    if not paths:
-        raise PixelDataError("no image in the series")
-    slices = [s for p in paths for s in _slices_of(p)]
+    slices = _all_slices(series, min_slices)
     groups = _group(slices)
     if len(groups) > 1:
         kinds = sorted({tuple(np.round(g[0].orientation, 3)) for g in groups})
