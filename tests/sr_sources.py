@@ -110,6 +110,8 @@ def make_source(
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     ds.ImagePositionPatient = [-10.0 + 4.0 * index, -80.0, 100.0]
     ds.PatientPosition = "HFS"
+    ds.PositionReferenceIndicator = ""
+    ds.EchoTrainLength = 16
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
