@@ -10,13 +10,15 @@ period. SIGTERM stops accepting associations, lets running ones finish, and exit
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from typing import Any
 
-from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, start_listener
+from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, make_ae, store_handlers
 from dicom_io.spool import Spool
+from dicom_io.transport import NoDelayThreadedAssociationServer
 from worker.index import StudyIndex, dataset_digest
 from worker.settings import Settings
 
@@ -123,20 +125,46 @@ def listener_config(settings: Settings) -> ListenerConfig:
     )
 
 
-def serve(settings: Settings, stop: threading.Event | None = None) -> ListenerStats:
-    """Run the listener and its monitor until SIGTERM/SIGINT (or ``stop`` is set).
+class ReusePortAssociationServer(NoDelayThreadedAssociationServer):
+    """Binds with ``SO_REUSEPORT``, so several listener processes share one port.
 
-    Returns the listener's counters at shutdown.
+    The kernel spreads incoming associations over the processes, which lifts the
+    one-interpreter limit on concurrent senders.
+    """
+
+    allow_reuse_port = True
+
+
+def start_server(settings: Settings, on_stored: Any, stats: ListenerStats, reuse_port: bool) -> Any:
+    """Start the SCP in a background thread; return the server (``shutdown()`` stops it)."""
+    ae = make_ae(listener_config(settings))
+    server_class = ReusePortAssociationServer if reuse_port else NoDelayThreadedAssociationServer
+    server = ae.make_server((settings.bind, settings.port),
+                            evt_handlers=store_handlers(Spool(settings.spool), on_stored, stats),
+                            server_class=server_class)
+    ae._servers.append(server)  # pynetdicom's shutdown() removes it from there
+    threading.Thread(target=server.serve_forever, name="discus-acceptor", daemon=True).start()
+    return server
+
+
+def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: bool = True) -> ListenerStats:
+    """Run the listener (and its monitor) until SIGTERM/SIGINT or ``stop`` is set.
+
+    With ``settings.listener_processes`` > 1 the extra processes are started here, share
+    the port (``SO_REUSEPORT``) and stop with this one; only this one runs the monitor.
+    Returns this process's counters at shutdown.
     """
     stop = stop if stop is not None else threading.Event()
     index = StudyIndex.from_url(settings.redis_url)
     index.r.ping()  # fail at start, not at the first instance
-    spool = Spool(settings.spool)
+    Spool(settings.spool)  # create the folder, or fail now
+    extra = _start_siblings(settings) if monitor and settings.listener_processes > 1 else []
     stats = ListenerStats()
-    server = start_listener(spool, listener_config(settings), make_on_stored(index), stats)
-    assert server is not None
-    monitor = StabilityMonitor(index, settings)
-    monitor.start()
+    server = start_server(settings, make_on_stored(index), stats,
+                          reuse_port=settings.listener_processes > 1)
+    watcher = StabilityMonitor(index, settings) if monitor else None
+    if watcher is not None:
+        watcher.start()
 
     def _signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: shutting down", signum)
@@ -145,17 +173,40 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> ListenerSt
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-    log.info("listener %s on %s:%d, spool %s, quiet period %.1f s", settings.ae_title,
-             settings.bind, settings.port, settings.spool, settings.quiet_period)
+    log.info("listener %s on %s:%d (pid %d), spool %s, quiet period %.1f s", settings.ae_title,
+             settings.bind, settings.port, os.getpid(), settings.spool, settings.quiet_period)
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        for p in extra:
+            p.terminate()  # SIGTERM: each sibling shuts down the same way
         server.shutdown()  # stops accepting new associations
         # Let running associations finish (their senders would otherwise retry everything).
         grace = time.monotonic() + SHUTDOWN_GRACE
         while server.active_associations and time.monotonic() < grace:
             time.sleep(0.1)
-        monitor.stop()
+        if watcher is not None:
+            watcher.stop()
+        for p in extra:
+            p.join(SHUTDOWN_GRACE + 5)
         log.info("listener stopped; totals %s", stats.snapshot())
     return stats
+
+
+def _serve_sibling(settings_json: str) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    serve(Settings.model_validate_json(settings_json), monitor=False)
+
+
+def _start_siblings(settings: Settings) -> list[Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no threads or sockets inherited
+    procs = []
+    for _ in range(settings.listener_processes - 1):
+        p = ctx.Process(target=_serve_sibling, args=(settings.model_dump_json(),), daemon=False)
+        p.start()
+        procs.append(p)
+    return procs

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     port: int = Field(default=11112, ge=1, le=65535)
     bind: str = "127.0.0.1"
     allowed_calling_aets: list[str] = Field(default_factory=list)  # empty: accept any
-    max_associations: int = Field(default=10, ge=1)
+    max_associations: int = Field(default=10, ge=1)  # per listener process
+    listener_processes: int = Field(default=1, ge=1)  # processes sharing the port (SO_REUSEPORT)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)

@@ -1,0 +1,62 @@
+"""A study in by storescu, the SR and SC back in Orthanc: real Redis, Orthanc, DCMTK, daemons."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import storescu, wait_for
+from tests.integration.studies import demo_study, discus_objects, is_sr, result_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_storescu_study_comes_back_as_valid_sr_and_sc(tmp_path: Path, orthanc, discus) -> None:
+    from dicom_io.validate import dciodvfy
+
+    d = discus(orthanc)
+    d.start_listener()
+    d.start_worker()
+    study_uid, files = demo_study(tmp_path / "study", "MR", seed=11)
+    sent = storescu(d.port, files)
+    assert sent.returncode == 0, sent.stderr
+
+    job = wait_for(lambda: (j := d.index().job(study_uid, 1)).get("state") == "done" and j,
+                   180, "the job to be delivered")
+    objects = discus_objects(orthanc, study_uid)
+    assert len(objects) == int(job["objects"]) >= 1
+    srs = [o for o in objects if is_sr(o)]
+    assert len(srs) == 1, objects
+    # every object is in the study it was computed for, SR and SC alike
+    assert {o["StudyInstanceUID"] for o in objects} == {study_uid}
+    result = result_of(d.outbox, study_uid)
+    if result.status.value == "analysed" and result.findings:
+        assert len(objects) > 1, "an analysed study with findings brings SC images too"
+    for o in objects:
+        path = orthanc.download(o["OrthancID"], tmp_path / f"{o['SOPInstanceUID']}.dcm")
+        report = dciodvfy(path)
+        assert report.ok, f"{o['SOPClassUID']}: {report.errors}"
+
+
+def test_several_associations_and_identical_resend_give_one_result(tmp_path: Path, orthanc,
+                                                                   discus) -> None:
+    d = discus(orthanc, quiet_period=2.0)  # the gap between associations stays under it
+    d.start_listener()
+    d.start_worker()
+    study_uid, files = demo_study(tmp_path / "study", "MR", seed=12)
+    half = len(files) // 2
+    for part in (files[:half], files[half:]):  # two associations within the quiet period
+        assert storescu(d.port, part).returncode == 0
+    wait_for(lambda: d.index().job(study_uid, 1).get("state") == "done", 180, "the result")
+    first = {o["SOPInstanceUID"] for o in discus_objects(orthanc, study_uid)}
+
+    assert storescu(d.port, files).returncode == 0  # identical re-send
+    time.sleep(d.settings["quiet_period"] * 3 + 1)
+    idx = d.index()
+    assert idx.latest_revision(study_uid) == 1
+    assert len(idx.jobs_of(study_uid)) == 1
+    assert idx.quiet_candidates(0) == []
+    assert {o["SOPInstanceUID"] for o in discus_objects(orthanc, study_uid)} == first
+    assert int(idx.study(study_uid)["instances"]) == len(files)
