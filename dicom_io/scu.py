@@ -139,6 +139,12 @@ def _association_error(assoc: Association, host: str, port: int) -> ExportError:
         transient = result == 0x02
         kind = "transiently" if transient else "permanently"
         return ExportError(f"association to {host}:{port} rejected {kind} ({detail})", transient=transient)
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        names = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        return ExportError(
+            f"{host}:{port} accepts none of the proposed SOP classes and syntaxes ({', '.join(names)})",
+            transient=False,
+        )
     # pynetdicom reports a refused or timed-out connection as an abort too.
     return ExportError(
         f"no association with {host}:{port} (connection refused, timed out or aborted)",
