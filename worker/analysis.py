@@ -199,6 +199,12 @@ def localize(
     return points
 
 
+def no_levels_reason(run: Run) -> str:
+    """Why per-level analyses did not run when no disc was located."""
+    missing = run.result.not_run.get("levels")
+    return f"needs the level localizer, which is not available: {missing}" if missing else "no disc level located"
+
+
 @dataclass
 class CropJob:
     """One crop for one classifier at one level (and side), with where it came from."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from dicom_io.results import ConditionValues
 from dicom_io.volume import Volume
-from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize
+from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize, no_levels_reason
 from worker.analysis_mr import graded_discs
 from worker.geometry import sagittal_reformat
 from models.crops import CROP_SPECS, CropSpec
@@ -37,7 +37,7 @@ def analyze_ct(run: Run, axial: Volume) -> None:
     discs = graded_discs(run, points)
     if not discs:
         for task in ("ct_disc", "ct_level"):
-            run.not_run(task, "no disc level located")
+            run.not_run(task, no_levels_reason(run))
         return
     disc_jobs = _jobs(run, "ct_disc", axial, discs, points)
     if disc_jobs:

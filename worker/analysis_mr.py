@@ -15,7 +15,7 @@ import numpy as np
 
 from dicom_io.results import DISCS, ConditionValues
 from dicom_io.volume import Volume
-from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize
+from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize, no_levels_reason
 
 #: (task, condition, which series, sides) read per disc level.
 MR_TASKS: tuple[tuple[str, ConditionValues, str, tuple[str | None, ...]], ...] = (
@@ -76,7 +76,7 @@ def analyze_mr(
     discs = graded_discs(run, points)
     if not discs:
         for task, *_ in MR_TASKS:
-            run.not_run(task, "no disc level located")
+            run.not_run(task, no_levels_reason(run))
         return
     sources: dict[str, list[Volume]] = {
         "sag_t2": [v for v in (sag_t2 or sag_t1,) if v is not None],

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dicom_io.results import SeriesRoleValues, StatusValues, StudyResult
 from dicom_io.selection import assign_roles, series_uses
 from dicom_io.study import Series, Study
@@ -189,21 +191,34 @@ def _run_ct(run: Run, study: Study) -> None:
     analyze_ct(run, axial)
 
 
+def _projections(run: Run, study: Study, series: Series) -> list[Volume]:
+    """Each radiograph of a series as a one-image volume (no patient geometry: pixel spacing only)."""
+    from dicom_io.volumes import load_projection
+
+    out = []
+    for inst in series.instances:
+        with run.stage("volumes"):
+            try:
+                image, (row_mm, col_mm) = load_projection(inst.path)
+            except Exception as exc:  # one bad radiograph must not end the study
+                run.warn(f"image {inst.sop_instance_uid} skipped: {type(exc).__name__}: {exc}")
+                continue
+        affine = np.diag([col_mm, row_mm, 1.0, 1.0])
+        out.append(
+            Volume(np.asarray(image, np.float32)[None], affine, [inst.sop_instance_uid],
+                   series.series_instance_uid, study.study_instance_uid, inst.sop_class_uid)
+        )
+    return out
+
+
 def _run_xray(run: Run, study: Study) -> None:
     from worker.analysis_xray import analyze_xray
 
-    images = [v for s in study.series if s.role in _XRAY_ROLES for v in _volumes(run, s)]
-    # One finding per image: a multi-image series contributes each image.
-    singles = [
-        Volume(v.array[k : k + 1], v.affine, [v.sop_instance_uids[k]], v.series_instance_uid,
-               v.study_instance_uid, v.sop_class_uid, [v.frames[k]] if v.frames else None)
-        for v in images
-        for k in range(v.array.shape[0])
-    ]
-    if not singles:
+    images = [v for s in study.series if s.role in _XRAY_ROLES for v in _projections(run, study, s)]
+    if not images:
         _not_performed(run.result, "no usable lumbar X-ray image")
         return
-    analyze_xray(run, singles)
+    analyze_xray(run, images)
 
 
 def _write_atomic(ds: Any, folder: Path) -> Path:

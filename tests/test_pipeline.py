@@ -1,0 +1,197 @@
+"""The study-level pipeline on synthetic DICOM studies written by the phantom (no daemon).
+
+Uses the model packages installed in ``models/packages``: an analysis whose
+package is missing must appear in ``not_run`` with its reason and produce no
+finding; an installed one must produce its findings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_io.results import DISCS, ConditionValues, StatusValues, StudyResult
+from worker.model_packages import ModelPackages
+from worker.pipeline import analyze_study, encode_outputs
+
+phantom = pytest.importorskip("dicom_io.phantom", reason="the phantom writer is not installed")
+
+MR_TASKS = {
+    "mr_disc": ConditionValues.DISC,
+    "mr_canal": ConditionValues.SPINAL_CANAL_STENOSIS,
+    "mr_foramen": ConditionValues.NEURAL_FORAMINAL_NARROWING,
+    "mr_subarticular": ConditionValues.SUBARTICULAR_STENOSIS,
+}
+
+
+@pytest.fixture(scope="module")
+def packages() -> ModelPackages:
+    return ModelPackages.shared()
+
+
+@pytest.fixture(scope="module")
+def mr_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mr")
+    findings = {"L4-L5": phantom.LevelFindings(disc="herniation", disc_side="L", canal="severe")}
+    gt = phantom.write_demo_study(out, "MR", seed=3, findings=findings)
+    return out, json.loads(Path(gt).read_text())
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*.dcm"))]
+
+
+def _rewrite(src: Path, dst: Path, edit, keep=lambda ds: True) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(_files(src)):
+        ds = pydicom.dcmread(f)
+        if not keep(ds):
+            continue
+        edit(ds)
+        ds.save_as(dst / f"{i:05d}.dcm", enforce_file_format=True)
+    return dst
+
+
+def test_mr_study(mr_study: tuple[Path, dict], packages: ModelPackages) -> None:
+    folder, gt = mr_study
+    res = analyze_study(folder, 1, packages=packages)
+    assert res.status is StatusValues.ANALYSED, res.reason
+    assert res.modality == "MR"
+    roles = {s.role.value for s in res.series}
+    assert {"SAG_T2", "SAG_T1", "AX_T2"} <= roles
+    assert all(s.reason for s in res.series)
+    assert {"load", "select", "volumes", "total"} <= set(res.timings)
+    if packages.get("levels") is None:
+        assert "no model package" in res.not_run["levels"] or "failed" in res.not_run["levels"]
+        assert res.findings == [] and res.levels == []
+        return
+    found = {lv.level: np.array(lv.point_mm) for lv in res.levels}
+    discs = [d for d in ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1") if d in found]
+    assert len(discs) >= 4, res.warnings
+    for d in discs:  # disc points near the phantom's (the localizer's own tolerance is tighter)
+        assert np.linalg.norm(found[d] - np.array(gt["levels"][d])) < 10.0, d
+    for task, condition in MR_TASKS.items():
+        mine = [f for f in res.findings if f.condition is condition]
+        if packages.get(task) is None:
+            assert task in res.not_run and not mine
+            continue
+        assert mine, (task, res.not_run.get(task), res.warnings)
+        for f in mine:
+            assert f.level in DISCS and abs(sum(f.probabilities.values()) - 1.0) < 1e-3
+            assert (f.heatmap is not None) == (f.severity >= 1)
+            if f.heatmap is not None:
+                assert f.heatmap.shape == (
+                    pydicom.dcmread(_sop_path(folder, f.image.sop_instance_uid), stop_before_pixels=True).Rows,
+                    pydicom.dcmread(_sop_path(folder, f.image.sop_instance_uid), stop_before_pixels=True).Columns,
+                )
+    # The JSON round trip the worker stores keeps everything but the heatmaps.
+    back = StudyResult.from_json(res.to_json())
+    assert len(back.findings) == len(res.findings) and back.not_run == res.not_run
+
+
+def _sop_path(folder: Path, uid: str) -> Path:
+    for f in _files(folder):
+        if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == uid:
+            return f
+    raise AssertionError(f"no file for {uid}")
+
+
+def test_missing_packages_are_reported_not_invented(mr_study: tuple[Path, dict], tmp_path: Path) -> None:
+    folder, _ = mr_study
+    empty = ModelPackages([tmp_path])
+    res = analyze_study(folder, 1, packages=empty)
+    assert res.status is StatusValues.ANALYSED
+    assert res.findings == [] and res.levels == []
+    assert res.not_run["levels"] == f"no model package installed in {tmp_path}"
+
+
+def test_encode_outputs_atomic_and_deterministic(mr_study: tuple[Path, dict], packages: ModelPackages,
+                                                 tmp_path: Path) -> None:
+    folder, _ = mr_study
+    res = analyze_study(folder, 1, packages=packages)
+    first = encode_outputs(res, folder, tmp_path / "a")
+    again = encode_outputs(res, folder, tmp_path / "b")
+    assert first and [p.name for p in first] == [p.name for p in again]
+    assert not list((tmp_path / "a").glob(".tmp-*"))
+    sr = pydicom.dcmread(first[0])
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == res.study_instance_uid
+    assert f"{sr.SOPInstanceUID}.dcm" == first[0].name
+    heat = [f for f in res.findings if f.heatmap is not None]
+    assert len(first) >= 1 + len(heat)
+
+
+def test_head_mr_is_not_performed(mr_study: tuple[Path, dict], tmp_path: Path, packages: ModelPackages) -> None:
+    def head(ds):
+        ds.BodyPartExamined = "HEAD"
+        ds.StudyDescription = "MR BRAIN"
+        ds.SeriesDescription = "AX T2 BRAIN"
+
+    folder = _rewrite(mr_study[0], tmp_path / "head", head)
+    res = analyze_study(folder, 1, packages=packages)
+    assert res.status is StatusValues.NOT_PERFORMED and res.reason
+    assert res.findings == []
+    files = encode_outputs(res, folder, tmp_path / "out")
+    assert len(files) == 1 and pydicom.dcmread(files[0]).Modality == "SR"
+    assert encode_outputs(res, folder, tmp_path / "none", not_performed_sr=False) == []
+
+
+def test_localizer_only_and_garbage_are_not_performed(mr_study: tuple[Path, dict], tmp_path: Path,
+                                                      packages: ModelPackages) -> None:
+    def localizer(ds):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.SeriesDescription = "LOCALIZER"
+
+    first_series = _files(mr_study[0])[0].parent
+    folder = _rewrite(first_series, tmp_path / "loc", localizer)
+    res = analyze_study(folder, 1, packages=packages)
+    assert res.status is StatusValues.NOT_PERFORMED and res.reason
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.dcm").write_bytes(b"not dicom at all" * 20)
+    res = analyze_study(junk, 1, packages=packages)
+    assert res.status is StatusValues.NOT_PERFORMED and res.reason
+    res = analyze_study(tmp_path / "missing-folder", 1, packages=packages)
+    assert res.status is StatusValues.NOT_PERFORMED and res.reason
+
+
+def test_no_geometry_series_is_skipped_with_warning(mr_study: tuple[Path, dict], tmp_path: Path,
+                                                    packages: ModelPackages) -> None:
+    sag_t1 = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in _files(mr_study[0])
+              if "T1" in str(pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription)}
+
+    def strip(ds):
+        if ds.SeriesInstanceUID in sag_t1:
+            for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+                if kw in ds:
+                    delattr(ds, kw)
+
+    folder = _rewrite(mr_study[0], tmp_path / "nogeo", strip)
+    res = analyze_study(folder, 1, packages=packages)
+    assert res.status is StatusValues.ANALYSED, res.reason
+    # Either the rules set it aside or its volume failed; never a crash, and it is said.
+    used = {s.series_instance_uid: s for s in res.series}
+    t1 = next(iter(sag_t1))
+    assert used[t1].role.value == "OTHER" or any(t1 in w for w in res.warnings)
+
+
+@pytest.mark.parametrize("modality", ["CT", "DX"])
+def test_ct_and_xray_studies(modality: str, tmp_path: Path, packages: ModelPackages) -> None:
+    gt = json.loads(Path(phantom.write_demo_study(tmp_path, modality, seed=5)).read_text())
+    res = analyze_study(tmp_path, 1, packages=packages)
+    assert res.status is StatusValues.ANALYSED, res.reason
+    tasks = ("ct_disc",) if modality == "CT" else ("xray",)
+    for task in tasks:
+        if packages.get(task) is None or (modality == "CT" and packages.get("levels") is None):
+            assert task in res.not_run or "levels" in res.not_run
+            continue
+        assert res.findings, (res.not_run, res.warnings)
+    if modality == "DX" and packages.get("xray") is not None:
+        assert {f.level for f in res.findings} == {"lumbar spine"}
+        assert all(f.grade in ("normal", "scoliosis", "spondylolisthesis") for f in res.findings)
+        assert len(res.findings) == len({f.image.sop_instance_uid for f in res.findings}) >= 1
+    assert gt["synthetic"] is True
