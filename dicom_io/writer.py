@@ -190,98 +190,100 @@ def write_series(
     if modality == "CT":
         centre, width = float(extra.pop("WindowCenter", 50.0)), float(extra.pop("WindowWidth", 400.0))
 
+    # One template; only the per-slice attributes change in the loop below.
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = "DISCUS_010"
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.InstanceCreationDate = study.study_date
+    ds.InstanceCreationTime = study.study_time
+    # Patient and study
+    ds.PatientName = study.patient_name
+    ds.PatientID = study.patient_id
+    ds.PatientBirthDate = study.patient_birth_date
+    ds.PatientSex = study.patient_sex
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "Synthetic phantom: no patient data"
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.StudyDate = study.study_date
+    ds.StudyTime = study.study_time
+    ds.StudyID = study.study_id
+    ds.AccessionNumber = study.accession_number
+    ds.ReferringPhysicianName = study.referring_physician
+    ds.StudyDescription = study.study_description
+    # Series and equipment
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDescription = series_description
+    ds.SeriesDate = study.study_date
+    ds.SeriesTime = study.study_time
+    ds.ProtocolName = series_description
+    ds.BodyPartExamined = "LSPINE"
+    ds.Manufacturer = "Discus"
+    ds.ManufacturerModelName = "Synthetic phantom"
+    ds.InstitutionName = study.institution
+    ds.SoftwareVersions = "discus-phantom"
+    ds.FrameOfReferenceUID = study.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    # Image
+    ds.AcquisitionNumber = 1
+    ds.ContentDate = study.study_date
+    ds.ContentTime = study.study_time
+    ds.AcquisitionDate = study.study_date
+    ds.AcquisitionTime = study.study_time
+    ds.ImageType = ["DERIVED", "PRIMARY"] if modality == "DX" else ["ORIGINAL", "PRIMARY", "AXIAL"
+                                                                       if modality == "CT" else "OTHER"]
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12 if modality == "DX" else 16
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if modality == "CT" else 0
+    ds.WindowCenter = _ds(centre)
+    ds.WindowWidth = _ds(width)
+    if modality == "DX":
+        _dx_attributes(ds, rdir, cdir, row_sp, col_sp)
+    else:
+        ds.ImageOrientationPatient = [_ds(v) for v in (*rdir, *cdir)]
+        ds.PixelSpacing = [_ds(row_sp), _ds(col_sp)]
+        ds.SliceThickness = _ds(extra.get("SliceThickness", slice_sp))
+        ds.SpacingBetweenSlices = _ds(slice_sp)
+        ds.PatientPosition = "HFS"
+    if modality == "MR":
+        _mr_defaults(ds)
+    if modality == "CT":
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.KVP = 120
+        ds.ConvolutionKernel = "STANDARD"
+    for key, value in extra.items():
+        if key == "SliceThickness" and modality == "DX":
+            continue
+        setattr(ds, key, value)
+    if modality == "DX" and ds.ViewPosition in _VIEW_CODES:
+        view = Dataset()
+        view.CodeValue, view.CodeMeaning = _VIEW_CODES[ds.ViewPosition]
+        view.CodingSchemeDesignator = "SCT"
+        ds.ViewCodeSequence = [view]
     paths: list[Path] = []
     for k in range(arr.shape[0]):
         sop_uid = deterministic_uid(series_uid, "instance", str(k))
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = sop_class
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta.ImplementationVersionName = "DISCUS_010"
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid
-        ds.InstanceCreationDate = study.study_date
-        ds.InstanceCreationTime = study.study_time
-        # Patient and study
-        ds.PatientName = study.patient_name
-        ds.PatientID = study.patient_id
-        ds.PatientBirthDate = study.patient_birth_date
-        ds.PatientSex = study.patient_sex
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "Synthetic phantom: no patient data"
-        ds.StudyInstanceUID = study.study_instance_uid
-        ds.StudyDate = study.study_date
-        ds.StudyTime = study.study_time
-        ds.StudyID = study.study_id
-        ds.AccessionNumber = study.accession_number
-        ds.ReferringPhysicianName = study.referring_physician
-        ds.StudyDescription = study.study_description
-        # Series and equipment
-        ds.Modality = modality
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = int(series_number)
-        ds.SeriesDescription = series_description
-        ds.SeriesDate = study.study_date
-        ds.SeriesTime = study.study_time
-        ds.ProtocolName = series_description
-        ds.BodyPartExamined = "LSPINE"
-        ds.Manufacturer = "Discus"
-        ds.ManufacturerModelName = "Synthetic phantom"
-        ds.InstitutionName = study.institution
-        ds.SoftwareVersions = "discus-phantom"
-        ds.FrameOfReferenceUID = study.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        # Image
         ds.InstanceNumber = k + 1
-        ds.AcquisitionNumber = 1
-        ds.ContentDate = study.study_date
-        ds.ContentTime = study.study_time
-        ds.AcquisitionDate = study.study_date
-        ds.AcquisitionTime = study.study_time
-        ds.ImageType = ["DERIVED", "PRIMARY"] if modality == "DX" else ["ORIGINAL", "PRIMARY", "AXIAL"
-                                                                           if modality == "CT" else "OTHER"]
-        ds.BurnedInAnnotation = "NO"
-        ds.LossyImageCompression = "00"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12 if modality == "DX" else 16
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 1 if modality == "CT" else 0
-        ds.WindowCenter = _ds(centre)
-        ds.WindowWidth = _ds(width)
-        if modality == "DX":
-            _dx_attributes(ds, rdir, cdir, row_sp, col_sp)
-        else:
+        if modality != "DX":
             ipp = aff[:3, :3] @ np.array([0.0, 0.0, float(k)]) + aff[:3, 3]
             ds.ImagePositionPatient = [_ds(v) for v in ipp]
-            ds.ImageOrientationPatient = [_ds(v) for v in (*rdir, *cdir)]
-            ds.PixelSpacing = [_ds(row_sp), _ds(col_sp)]
-            ds.SliceThickness = _ds(extra.get("SliceThickness", slice_sp))
-            ds.SpacingBetweenSlices = _ds(slice_sp)
             ds.SliceLocation = _ds(float(ipp @ normal))
-            ds.PatientPosition = "HFS"
-        if modality == "MR":
-            _mr_defaults(ds)
-        if modality == "CT":
-            ds.RescaleIntercept = -1024
-            ds.RescaleSlope = 1
-            ds.RescaleType = "HU"
-            ds.KVP = 120
-            ds.ConvolutionKernel = "STANDARD"
-        for key, value in extra.items():
-            if key == "SliceThickness" and modality == "DX":
-                continue
-            setattr(ds, key, value)
-        if modality == "DX" and ds.ViewPosition in _VIEW_CODES:
-            view = Dataset()
-            view.CodeValue, view.CodeMeaning = _VIEW_CODES[ds.ViewPosition]
-            view.CodingSchemeDesignator = "SCT"
-            ds.ViewCodeSequence = [view]
         ds.PixelData = stored[k].tobytes()
         path = out_dir / f"{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
