@@ -265,3 +265,22 @@ def test_xray_finding_on_the_whole_image() -> None:
     assert f.level == "lumbar spine" and f.grade == "spondylolisthesis"
     assert f.heatmap.shape == (300, 200)
     assert 195 <= f.image.row <= 225 and 35 <= f.image.column <= 65
+
+
+def test_model_packages_record_why_each_is_missing(tmp_path) -> None:
+    import json
+
+    broken = tmp_path / "disc-v1"  # found by the task in its config, whatever the folder name
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"task": "mr_disc", "weights": "model.safetensors"}))
+    pk = ModelPackages([tmp_path], tasks=["mr_disc", "mr_canal"])
+    assert pk.get("mr_disc") is None and pk.info("mr_disc") is None
+    assert pk.reason("mr_disc").startswith(f"model package {broken} failed to load")
+    assert pk.reason("mr_canal") == f"no model package installed in {tmp_path}"
+    assert pk.reason("levels") == "not requested"
+    with pytest.raises(TypeError, match="dirs"):
+        ModelPackages(str(tmp_path))
+    with pytest.raises(ValueError, match="tasks"):
+        ModelPackages([tmp_path], tasks=["bogus"])
+    with pytest.raises(ValueError, match="loaded"):
+        ModelPackages.from_loaded({"bogus": object()})

@@ -1,7 +1,8 @@
 """The installed model packages, loaded once per worker process.
 
-A package is a folder named after its task (``levels``, ``mr_disc``, ...) in one of
-the configured model folders (default ``models/packages``). Every package that
+A package is a folder with a ``config.json`` naming its task (``levels``,
+``mr_disc``, ...), usually named after the task, in one of the configured model
+folders (default ``models/packages``). Every package that
 is present is loaded once and kept warm; every one that is absent or fails to
 load is recorded with the reason, which the pipeline copies into
 ``StudyResult.not_run`` instead of inventing a finding.
@@ -9,6 +10,7 @@ load is recorded with the reason, which the pipeline copies into
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -36,8 +38,25 @@ CLASSIFIER_TASKS: tuple[str, ...] = (
 TASKS: tuple[str, ...] = (LOCALIZER_TASK, *CLASSIFIER_TASKS)
 
 
-def _is_package(folder: Path) -> bool:
-    return folder.is_dir() and any(p.is_file() for p in folder.iterdir())
+def _package_task(folder: Path) -> str | None:
+    """The task a package folder declares in its ``config.json`` (None if it is not a package)."""
+    try:
+        task = json.loads((folder / "config.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(task) if task else None
+
+
+def _find(task: str, dirs: tuple[Path, ...]) -> Path | None:
+    """First package folder for ``task``: the folder named after it, else any that declares it."""
+    for d in dirs:
+        if _package_task(d / task) == task:
+            return d / task
+        if d.is_dir():
+            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+                if _package_task(sub) == task:
+                    return sub
+    return None
 
 
 class ModelPackages:
@@ -90,7 +109,7 @@ class ModelPackages:
             self._load(task)
 
     def _load(self, task: str) -> None:
-        folder = next((d / task for d in self.dirs if _is_package(d / task)), None)
+        folder = _find(task, self.dirs)
         if folder is None:
             where = ", ".join(str(d) for d in self.dirs)
             self.missing[task] = f"no model package installed in {where}"
