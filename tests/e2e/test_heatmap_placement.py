@@ -1,0 +1,65 @@
+"""Heatmap placement: a left herniation at L4-L5 puts the heatmap peak on the left half of that disc.
+
+Runs the pipeline and the SR/SC encoders on a synthetic MR study with the
+shipped models (no daemon needed: the SC overlays exactly the finding's
+heatmap on the image the finding references, which is checked here too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_io.results import ConditionValues
+from worker.model_packages import ModelPackages
+from worker.pipeline import analyze_study, encode_outputs
+
+pytestmark = [pytest.mark.slow]
+
+
+def _geometry(folder: Path, sop_uid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(origin, row direction * column spacing, column direction * row spacing) of one image."""
+    for f in folder.rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if ds.SOPInstanceUID == sop_uid:
+            iop = np.array(ds.ImageOrientationPatient, float)
+            row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
+            return np.array(ds.ImagePositionPatient, float), iop[:3] * col_mm, iop[3:] * row_mm
+    raise AssertionError(f"no source image {sop_uid}")
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_left_herniation_heatmap_on_left_half_of_the_disc(seed: int, tmp_path: Path) -> None:
+    from dicom_io.phantom import LevelFindings, write_demo_study
+
+    packages = ModelPackages.shared()
+    for task in ("levels", "mr_disc"):
+        if packages.get(task) is None:
+            pytest.skip(f"model package {task} not installed: {packages.reason(task)}")
+    findings = {"L4-L5": LevelFindings(disc="herniation", disc_side="L")}
+    truth = json.loads(Path(write_demo_study(tmp_path / "study", "MR", seed=seed, findings=findings)).read_text())
+    folder = tmp_path / "study"
+    result = analyze_study(folder, 1, packages=packages)
+    disc = [f for f in result.findings if f.condition is ConditionValues.DISC and f.level == "L4-L5"]
+    assert disc, (result.not_run, result.warnings)
+    f = disc[0]
+    assert f.severity >= 1, f"L4-L5 herniation graded {f.grade} ({f.probabilities})"
+    assert f.heatmap is not None
+    origin, du, dv = _geometry(folder, f.image.sop_instance_uid)
+    r, c = np.unravel_index(int(np.argmax(f.heatmap)), f.heatmap.shape)
+    assert (r, c) == (round(f.image.row), round(f.image.column))  # the SR point is the peak
+    peak_mm = origin + c * du + r * dv
+    centre = np.array(truth["levels"]["L4-L5"])
+    offset = peak_mm - centre
+    print(f"peak {peak_mm.round(1)}, disc centre {centre.round(1)}, offset {offset.round(1)} mm (+x = left)")
+    assert offset[0] > 0, "heatmap peak is on the patient's right of the disc centre"
+    assert np.linalg.norm(offset[:2]) < 30.0, "heatmap peak is off the disc"
+    # The SC overlay for this finding is on the same source image.
+    files = encode_outputs(result, folder, tmp_path / "out")
+    sc = [pydicom.dcmread(p) for p in files[1:]]
+    refs = {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in sc if "SourceImageSequence" in ds}
+    assert f.image.sop_instance_uid in refs
