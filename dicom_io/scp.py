@@ -32,7 +32,11 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom import uid as ts
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 from pynetdicom import evt, sop_class
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -240,6 +244,25 @@ class ListenerStats:
             return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
+def _stop_after_series_uid(tag: Any, vr: Any, length: Any) -> bool:
+    return int(tag) > 0x0020000E  # the UIDs and Modality come before (0020,000E) ends
+
+
+def _read_header(stream: BytesIO, transfer_syntax: UID, meta: bytes) -> Dataset:
+    """The leading attributes of a received dataset, up to SeriesInstanceUID, pixels untouched."""
+    if transfer_syntax.is_deflated:
+        # Deflated datasets must be inflated first; pydicom does that for a whole file.
+        return dcmread(BytesIO(meta + stream.getvalue()), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    stream.seek(0)
+    try:
+        return read_dataset(
+            stream, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
+            stop_when=_stop_after_series_uid,
+        )
+    finally:
+        stream.seek(0)
+
+
 def make_ae(config: ListenerConfig | None = None) -> NoDelayAE:
     """Build the listener's application entity (not yet started).
 
@@ -307,15 +330,15 @@ def handle_store(
         The status answered to the sender (see the module docstring).
     """
     count = stats.add if stats is not None else (lambda name, size=0: None)
+    stream: BytesIO = event.request.DataSet  # type: ignore[assignment]
     try:
-        data = event.encoded_dataset(include_meta=True)
-        with event.request.DataSet.getbuffer() as buffer:  # type: ignore[union-attr]
-            dataset_size = buffer.nbytes
-        header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        header = _read_header(stream, event.context.transfer_syntax, meta)
         study_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class_uid = str(header.get("SOPClassUID", "") or event.request.AffectedSOPClassUID)
+        modality = str(header.get("Modality", "") or "")
     except InvalidUIDError as exc:
         count("undecodable")
         LOGGER.warning("C-STORE refused 0xC210: %s", exc)
@@ -332,7 +355,8 @@ def handle_store(
             event.request.AffectedSOPInstanceUID,
         )
     try:
-        written = spool.store(study_uid, series_uid, sop_uid, data, len(data) - dataset_size)
+        with stream.getbuffer() as body:  # the received bytes, written without a copy
+            written = spool.store(study_uid, series_uid, sop_uid, (meta, body), len(meta))
     except SpoolFullError as exc:
         count("write_failed")
         LOGGER.error("C-STORE refused 0xA700: %s", exc)
@@ -348,7 +372,7 @@ def handle_store(
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class_uid,
         transfer_syntax_uid=str(event.context.transfer_syntax),
-        modality=str(header.get("Modality", "") or ""),
+        modality=modality,
         path=written.path,
         size=written.size,
         calling_ae_title=event.assoc.requestor.ae_title,

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from dicom_io.errors import InvalidUIDError, SpoolError, SpoolFullError
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 SUFFIX = ".dcm"
+Buffer = bytes | bytearray | memoryview
 
 
 def is_valid_uid(uid: object) -> bool:
@@ -127,7 +128,7 @@ class Spool:
         study_uid: str,
         series_uid: str,
         sop_uid: str,
-        data: bytes,
+        data: Buffer | Sequence[Buffer],
         compare_from: int = 0,
     ) -> SpoolWrite:
         """Write one instance atomically, unless identical content is already there.
@@ -136,8 +137,9 @@ class Spool:
         ----------
         study_uid, series_uid, sop_uid : str
             UIDs of the instance, validated before use.
-        data : bytes
-            The whole file (preamble, file meta and dataset).
+        data : bytes-like or sequence of bytes-like
+            The whole file (preamble, file meta and dataset), or its parts in
+            order (written with one ``writev``, so the caller need not join them).
         compare_from : int, optional
             Offset in ``data`` where the content compared for duplicates starts
             (the dataset after the file meta), so a re-send that differs only in
@@ -157,29 +159,33 @@ class Spool:
         SpoolError
             On any other failure to write; nothing is left behind.
         """
-        if not 0 <= compare_from <= len(data):
-            raise ValueError(f"compare_from: {compare_from} outside 0..{len(data)}")
+        parts = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else [
+            memoryview(p) for p in data
+        ]
+        size = sum(p.nbytes for p in parts)
+        if not 0 <= compare_from <= size:
+            raise ValueError(f"compare_from: {compare_from} outside 0..{size}")
         path = self.path_for(study_uid, series_uid, sop_uid)
         try:
             outcome = StoreOutcomeValues.NEW
             if path.exists():
-                if _ends_with(path, memoryview(data)[compare_from:]):
+                if _ends_with(path, _tail(parts, compare_from)):
                     return SpoolWrite(path, StoreOutcomeValues.DUPLICATE, path.stat().st_size)
                 outcome = StoreOutcomeValues.CHANGED
             self._ensure_dir(path.parent)
             try:
-                self._write_atomic(path, data)
+                self._write_atomic(path, parts)
             except FileNotFoundError:
                 # The folder was purged behind the cache's back: make it again, once.
                 with self._dirs_lock:
                     self._known_dirs.discard(path.parent)
                 self._ensure_dir(path.parent)
-                self._write_atomic(path, data)
+                self._write_atomic(path, parts)
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS:
                 raise SpoolFullError(f"spool full writing {path.name}: {exc.strerror}") from exc
             raise SpoolError(f"cannot write {path.name}: {exc}") from exc
-        return SpoolWrite(path, outcome, len(data))
+        return SpoolWrite(path, outcome, size)
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
@@ -197,15 +203,20 @@ class Spool:
         with self._dirs_lock:
             self._known_dirs.add(folder)
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
+    def _write_atomic(self, path: Path, parts: list[memoryview]) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                pending = [p.cast("B") for p in parts if p.nbytes]
+                while pending:
+                    n = os.writev(fd, pending)
+                    # A short write: drop what went out and go on from there.
+                    while pending and n >= pending[0].nbytes:
+                        n -= pending[0].nbytes
+                        pending.pop(0)
+                    if pending and n:
+                        pending[0] = pending[0][n:]
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -250,13 +261,21 @@ class Spool:
         return True
 
 
-def _ends_with(path: Path, tail: memoryview) -> bool:
+def _tail(parts: list[memoryview], start: int) -> bytes:
+    """The bytes of ``parts`` joined, from offset ``start``."""
+    if parts and start == parts[0].nbytes and len(parts) == 2:
+        return parts[1]  # type: ignore[return-value]  # the usual (meta, dataset) split: no copy
+    return b"".join(parts)[start:]
+
+
+def _ends_with(path: Path, tail: bytes | memoryview) -> bool:
     """Whether the file at ``path`` ends with the bytes ``tail``."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size < len(tail):
+        n = memoryview(tail).nbytes
+        if size < n:
             return False
-        f.seek(size - len(tail))
+        f.seek(size - n)
         return f.read() == tail
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,15 +192,19 @@ def test_scu_refuses_unreadable_file_locally(listener: Running, tmp_path: Path) 
 
 def test_disk_full_answers_a700(listener: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = write_stack(tmp_path / "src", 2)
-    real_write = os.write
+    real_write, real_writev = os.write, os.writev
 
-    def full(fd: int, data: bytes) -> int:
-        # Only the spool's writes fail; log handlers and pipes keep working.
-        if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+    def full(real: Any) -> Any:
+        def write(fd: int, data: Any) -> int:
+            # Only the spool's writes fail; log handlers and pipes keep working.
+            if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".tmp"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data)
 
-    monkeypatch.setattr(os, "write", full)
+        return write
+
+    monkeypatch.setattr(os, "write", full(real_write))
+    monkeypatch.setattr(os, "writev", full(real_writev))
     results = send_files(paths, "127.0.0.1", listener.port, "DISCUS", "DISCUS")
     monkeypatch.undo()
     assert [r.status for r in results] == [OUT_OF_RESOURCES] * 2

@@ -85,10 +85,11 @@ def test_disk_full_leaves_nothing(code: int, tmp_path: Path, monkeypatch: pytest
     spool = Spool(tmp_path)
     spool.store(STUDY, SERIES, SOP, b"old")
 
-    def full(fd: int, data: bytes) -> int:
+    def full(fd: int, data: object) -> int:
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(SpoolFullError):
         spool.store(STUDY, SERIES, SOP, b"new content")
     with pytest.raises(SpoolFullError):
@@ -113,10 +114,15 @@ def test_other_write_error_is_spool_error_not_full(tmp_path: Path, monkeypatch: 
 
 def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = os.write
-    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:3])))
-    written = Spool(tmp_path).store(STUDY, SERIES, SOP, b"0123456789")
+    monkeypatch.setattr(os, "writev", lambda fd, parts: real_write(fd, bytes(parts[0][:3])))
+    spool = Spool(tmp_path)
+    written = spool.store(STUDY, SERIES, SOP, b"0123456789")
+    parts = spool.store(STUDY, SERIES, "1.2.3.4.6", [b"ab", b"", b"cdefg", bytearray(b"hij")], compare_from=2)
     monkeypatch.undo()
     assert written.path.read_bytes() == b"0123456789"
+    assert parts.path.read_bytes() == b"abcdefghij" and parts.size == 10
+    again = spool.store(STUDY, SERIES, "1.2.3.4.6", [b"XY", b"cdefghij"], compare_from=2)
+    assert again.outcome is StoreOutcomeValues.DUPLICATE
 
 
 def test_purged_study_is_recreated(tmp_path: Path) -> None:
