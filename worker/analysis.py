@@ -100,7 +100,7 @@ class Run:
     result: StudyResult
     packages: ModelPackages
     options: AnalysisOptions
-    _models: dict[str, ModelInfo] = field(default_factory=dict)
+    used: dict[str, ModelInfo] = field(default_factory=dict)  # task -> provenance, once per task
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -123,10 +123,10 @@ class Run:
         if obj is None:
             self.result.not_run.setdefault(task, self.packages.reason(task))
             return None
-        if task not in self._models:
+        if task not in self.used:
             info = self.packages.info(task)
             if info is not None:
-                self._models[task] = info
+                self.used[task] = info
                 self.result.models.append(info)
         return obj
 
@@ -360,7 +360,7 @@ def classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> l
                     heat[i] = _normalise(
                         crop_to_image(m, j.geom, j.volume.affine, j.pick.slice_index, j.volume.array.shape[1:])
                     )
-    info = run._models.get(task)
+    info = run.used.get(task)
     findings = []
     for i, j in enumerate(jobs):
         h = heat.get(i)

@@ -31,7 +31,7 @@ def analyze_xray(run: Run, images: list[Volume]) -> None:
     with run.stage("classify"):
         probs = np.asarray(predictor.predict(batch), float)
     cls = probs.argmax(axis=1)
-    info = run._models.get("xray")
+    info = run.used.get("xray")
     for i, vol in enumerate(images):
         grade = grades[int(cls[i])]
         heat = None
