@@ -139,6 +139,11 @@ def test_a_few_training_steps_learn_something_and_package(tmp_path: Path) -> Non
     arr, aff = to_dicom_geometry(cases[0].image, cases[0].affine)
     res = loc(arr, aff)
     assert res.points or res.reason  # an untrained net may find nothing, but says why
+    from training.levels import write_model_card
+
+    cv = summarise([score_case(cases[0], res)], cases)
+    card = write_model_card(pkg, cv).read_text()
+    assert "S1 is not labelled" in card and "| L3 |" in card
 
 
 def write_levels_folder(root: Path, case: LevelCase) -> Path:
