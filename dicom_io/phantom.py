@@ -341,8 +341,8 @@ def make_anatomy(
     top : str
         Most cranial vertebra (``T10``, ``T11``, ``T12`` or ``L1``).
     **variation
-        Overrides of the drawn variation: ``sacral_slope_deg`` (30-42),
-        ``lordosis_deg`` (L1-S1, 35-55), ``vertebra_height_mm`` (L3 body, 25-35),
+        Overrides of the drawn variation: ``sacral_slope_deg`` (28-40),
+        ``lordosis_deg`` (L1-S1, 30-50), ``vertebra_height_mm`` (L3 body, 25-35),
         ``disc_height_mm`` (8-12), ``body_width_mm`` (40-50), ``body_depth_mm``
         (27-33), ``canal_width_mm`` (20-26), ``canal_depth_mm`` (14-18),
         ``rotation_deg`` (3 angles about x, y, z, a few degrees), ``offset_mm``
@@ -384,8 +384,8 @@ def make_anatomy(
         drawn = float(rng.uniform(lo, hi))
         return float(variation[key]) if key in variation else drawn
 
-    sacral_slope = pick("sacral_slope_deg", 30.0, 42.0)
-    lordosis = pick("lordosis_deg", 35.0, 55.0)
+    sacral_slope = pick("sacral_slope_deg", 28.0, 40.0)
+    lordosis = pick("lordosis_deg", 30.0, 50.0)
     h_ref = pick("vertebra_height_mm", 25.0, 32.0)
     d_ref = pick("disc_height_mm", 8.0, 12.0)
     w_ref = pick("body_width_mm", 40.0, 50.0)
@@ -741,6 +741,9 @@ def _paint_canal(g: _Grid, origin: np.ndarray, frame: np.ndarray, depth: float, 
     for side in (1.0, -1.0):
         lab[canal & (_sq(x - side * (sa + 1.2), 1.4) + _sq(y - (yc - cb * 0.45), 1.4) <= 1.0)] = Tissue.NERVE
     if disc is not None:
+        # Ligamenta flava: a dark band along the posterior canal wall at the disc level.
+        flavum = canal & ~sac & (y > yc) & (_sq(x, ca - 2.5) + _sq(y - yc, cb - 2.5) > 1.0) & (w > 0.3)
+        lab[flavum] = Tissue.LIGAMENT
         if disc.canal_area < 0.3:
             lab[sac & (w > 0.5)] = Tissue.NERVE  # CSF obliterated: crowded roots only
         f = disc.findings
@@ -774,7 +777,7 @@ def _paint_disc(g: _Grid, d: Disc) -> None:
         rb = _body_r(x, y, a + bulge, b + bulge)
         disc |= (rb <= 1.0) & (np.abs(z) <= hgt / 2 * 0.85)
     lab[disc] = Tissue.ANNULUS
-    nuc = disc & (_sq(x, a * 0.55) + _sq(y - 1.5, b * 0.45) <= 1.0) & (np.abs(z) <= hgt * 0.33)
+    nuc = disc & (_sq(x, a * 0.62) + _sq(y - 1.0, b * 0.6) <= 1.0) & (np.abs(z) <= hgt * 0.36)
     lab[nuc] = Tissue.NUCLEUS_DEGENERATED if d.degeneration > 0.5 else Tissue.NUCLEUS
     if hx > 0:
         side = {"L": 1.0, "R": -1.0, "C": 0.0}[d.findings.disc_side]
@@ -849,7 +852,11 @@ def _paint_vertebra(g: _Grid, v: Vertebra, sacral: bool = False, s1: bool = Fals
             z >= 0.15 * v.height) & (z <= hh + 9.0)
         iap = (_sq(x - side * (ca + 0.5), 3.6) + _sq(y - (yc + cb + 3.0), 4.0) <= 1.0) & (
             z >= -hh - 9.0) & (z <= -0.1 * v.height)
-        add(sap | iap, inner=None)
+        sap_in = (_sq(x - side * (ca + 4.5), 2.4) + _sq(y - (yc + cb * 0.55), 3.1) <= 1.0) & (
+            z >= 0.15 * v.height + 1.2) & (z <= hh + 7.8)
+        iap_in = (_sq(x - side * (ca + 0.5), 2.2) + _sq(y - (yc + cb + 3.0), 2.6) <= 1.0) & (
+            z >= -hh - 7.8) & (z <= -0.1 * v.height - 1.2)
+        add(sap | iap, inner=sap_in | iap_in)
         if v.transverse_length > 0:
             tp = (np.abs(x) >= ca + 5.0) & (side * x > 0) & (np.abs(x) <= ca + 5.0 + v.transverse_length) & (
                 _sq(y - (yc - 1.0), 3.2) + _sq(z - 0.15 * v.height, 4.5) <= 1.0)
@@ -1004,13 +1011,20 @@ def _interp_matrix(n: int, m: int) -> np.ndarray:
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int, amp: float) -> np.ndarray:
-    """Smooth random multiplicative field around 1: a coarse grid, interpolated separably."""
-    small = rng.normal(0.0, 1.0, [max(2, min(coarse, n)) for n in shape]).astype(np.float32)
-    small = ndimage.gaussian_filter(small, 0.6)
-    out = small
-    for axis, n in enumerate(shape):
-        out = np.moveaxis(np.tensordot(_interp_matrix(n, small.shape[axis]), np.moveaxis(out, axis, 0),
-                                       axes=(1, 0)), 0, axis)
+    """Smooth random multiplicative field around 1 for a [slice, row, column] stack.
+
+    Two in-plane fields (coarse grids interpolated separably) blended along the
+    slices: texture changes slowly through the stack at a fraction of the cost of a
+    full 3-D field.
+    """
+    s, r, c = shape
+    planes = []
+    for _ in range(2):
+        small = ndimage.gaussian_filter(rng.standard_normal((min(coarse, r), min(coarse, c))), 0.6)
+        planes.append(_interp_matrix(r, small.shape[0]) @ small.astype(np.float32)
+                      @ _interp_matrix(c, small.shape[1]).T)
+    t = np.linspace(0.0, 1.0, s, dtype=np.float32)[:, None, None]
+    out = planes[0][None] * (1.0 - t) + planes[1][None] * t
     out /= max(float(np.abs(out).max()), 1e-6)
     return (1.0 + amp * out).astype(np.float32)
 
@@ -1024,8 +1038,11 @@ def _shade(labels: np.ndarray, contrast: str, rng: np.random.Generator, supersam
     img = lut[labels]
     # Tissue texture: marrow and fat are heterogeneous, muscles a little.
     tex = _smooth_field(rng, labels.shape, 24, 0.12)
-    textured = np.isin(labels, [Tissue.MARROW, Tissue.FAT, Tissue.MUSCLE, Tissue.VISCERA, Tissue.EPIDURAL_FAT])
+    textured = np.isin(labels, [Tissue.MARROW, Tissue.FAT, Tissue.MUSCLE, Tissue.EPIDURAL_FAT])
     img = np.where(textured, img * tex, img)
+    # Bowel and abdominal organs: coarse blotches of very different signal.
+    bowel = _smooth_field(rng, labels.shape, 48, 0.9)
+    img = np.where(labels == Tissue.VISCERA, img * np.clip(bowel, 0.15, 2.2), img)
     if supersample > 1:
         s = labels.shape[0] // supersample
         img = img.reshape(s, supersample, *img.shape[1:]).mean(axis=1)
