@@ -23,6 +23,8 @@ from dicom_io.study import Instance, Series, Study
 LOGGER = logging.getLogger(__name__)
 
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+# Files that are never DICOM (ground truth, notes, exports beside a study): skipped, not "unreadable".
+_NOT_DICOM_SUFFIXES = frozenset({".json", ".txt", ".md", ".csv", ".xml", ".nii", ".gz", ".png", ".jpg", ".jpeg"})
 
 
 def _float(value: Any) -> float | None:
@@ -200,7 +202,9 @@ def _files(folder: Path) -> Iterable[Path]:
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            if not name.startswith("."):  # the spool's temporary files are hidden
+            if name.startswith("."):  # the spool's temporary files are hidden
+                continue
+            if os.path.splitext(name)[1].lower() not in _NOT_DICOM_SUFFIXES:
                 yield Path(root) / name
 
 

@@ -89,7 +89,7 @@ def weighting_of(series: Series) -> tuple[WeightingValues, str]:
     inversion recovery with a short inversion time (80-300 ms) is STIR, TR <=
     1000 ms with TE <= 30 ms is T1, TR >= 1500 ms with TE >= 60 ms is T2.
     """
-    text = " ".join(t for t in (series.description, series.protocol_name, series.sequence_name) if t)
+    text = " ".join(dict.fromkeys(t for t in (series.description, series.protocol_name, series.sequence_name) if t))
     if _STIR_RE.search(text):
         return WeightingValues.STIR, f"'STIR' in description {text!r}"
     named = [w for w, rx in ((WeightingValues.T2, _T2_RE), (WeightingValues.T1, _T1_RE)) if rx.search(text)]
