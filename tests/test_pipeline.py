@@ -195,3 +195,75 @@ def test_ct_and_xray_studies(modality: str, tmp_path: Path, packages: ModelPacka
         assert all(f.grade in ("normal", "scoliosis", "spondylolisthesis") for f in res.findings)
         assert len(res.findings) == len({f.image.sop_instance_uid for f in res.findings}) >= 1
     assert gt["synthetic"] is True
+
+
+def test_mr_geometry_on_dicom_with_oracle_levels(mr_study: tuple[Path, dict], tmp_path: Path) -> None:
+    """Crops and heatmaps on real DICOM geometry, with the phantom's level points as the localizer.
+
+    Independent of the shipped models: the doubles grade every crop "moderate"
+    (so every finding gets a heatmap), which checks that each finding refers to
+    an image through its disc and that the SR and SC encoders accept the result.
+    """
+    from types import SimpleNamespace
+
+    from dicom_io.volumes import load_volumes
+    from dicom_io.headers import load_study
+
+    folder, gt = mr_study
+    discs = {k: v for k, v in gt["levels"].items() if k in ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")}
+
+    class Oracle:
+        config = {"name": "oracle", "version": "test", "task": "levels", "sha256": "a" * 64}
+
+        def __call__(self, array, affine):
+            pts = [SimpleNamespace(name=k, point_mm=tuple(v), voxel=(0, 0, 0), confidence=1.0)
+                   for k, v in discs.items()]
+            return SimpleNamespace(points=pts, warnings=[], reason=None)
+
+    class Middle:
+        def __init__(self, task, classes):
+            self.config = SimpleNamespace(name=f"mid-{task}", version="test", task=task, sha256="b" * 64,
+                                          class_names=classes, input_size=(32, 32), preprocessing={})
+            self.sizes = []
+
+        def predict(self, crops):
+            self.sizes.append(crops.shape)
+            p = np.full((len(crops), 3), 0.2)
+            p[:, 1] = 0.6
+            return p
+
+        def explain(self, crops, targets):
+            h = np.zeros(crops.shape, np.float32)
+            h[:, 16, 16] = 1.0  # the crop centre: the disc point (moved by the spec's offsets)
+            return h
+
+    sten = ["normal_mild", "moderate", "severe"]
+    objs = {"levels": Oracle(), "mr_canal": Middle("mr_canal", sten), "mr_foramen": Middle("mr_foramen", sten),
+            "mr_subarticular": Middle("mr_subarticular", sten),
+            "mr_disc": Middle("mr_disc", ["normal", "bulging", "herniation"])}
+    res = analyze_study(folder, 1, packages=ModelPackages.from_loaded(objs))
+    assert res.status is StatusValues.ANALYSED and res.not_run == {}, (res.not_run, res.warnings)
+    assert len(res.findings) == 5 * 6
+    study = load_study(folder)
+    vols = {}
+    for s in study.series:
+        for v in load_volumes(s):
+            for k, uid in enumerate(v.sop_instance_uids):
+                vols[uid] = (v, k)
+    for f in res.findings:
+        v, k = vols[f.image.sop_instance_uid]
+        assert f.heatmap is not None and f.heatmap.shape == v.array.shape[1:]
+        peak = v.voxel_to_patient([f.image.column, f.image.row, k])[0]
+        disc = np.array(discs[f.level])
+        d = peak - disc
+        if f.condition is ConditionValues.NEURAL_FORAMINAL_NARROWING:
+            # 18 mm towards the finding's side, on the nearest sagittal image (slices 4.4 mm apart).
+            side = 1.0 if f.laterality.value == "L" else -1.0
+            assert abs(d[0] - side * 18.0) < 2.6 and np.linalg.norm(d[1:]) < 2.0, (f.level, d)
+        elif f.condition is ConditionValues.SUBARTICULAR_STENOSIS:
+            side = 1.0 if f.laterality.value == "L" else -1.0
+            assert abs(d[0] - side * 10.0) < 1.5 and abs(d[1] - 12.0) < 1.5 and abs(d[2]) < 4.5, (f.level, d)
+        else:
+            assert np.linalg.norm(d) < 4.5, (f.condition, f.level, d)
+    files = encode_outputs(res, folder, tmp_path / "out")
+    assert len(files) == 1 + len(res.findings) + 1  # SR, one overlay per finding, the key image
