@@ -19,7 +19,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, sop_class
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_io.scp import (
@@ -33,6 +33,7 @@ from dicom_io.scp import (
 )
 from dicom_io.scu import send_files
 from dicom_io.spool import Spool, StoreOutcomeValues
+from dicom_io.transport import NoDelayAE
 from tests.conftest import NODELAY_ENV, need
 from tests.dicom_samples import make_image, write_stack
 
@@ -264,13 +265,16 @@ def test_sockets_have_nodelay(tmp_path: Path) -> None:
     ae = make_ae(ListenerConfig(host="127.0.0.1", port=0))
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
     try:
-        from dicom_io.scu import echo
-
-        assert echo("127.0.0.1", server.server_address[1], "DISCUS") == 0
+        client = NoDelayAE(ae_title="SCU")
+        client.add_requested_context(sop_class.Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="DISCUS")
+        assert assoc.is_established
+        scu_nodelay = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assoc.release()
     finally:
         server.shutdown()
-    # One socket accepted by the listener, one opened by the SCU (same process).
-    assert seen and all(v != 0 for v in seen)
+    assert seen and all(v != 0 for v in seen)  # the socket the listener accepted
+    assert scu_nodelay != 0  # the socket the client opened
 
 
 def test_logs_carry_no_patient_name(listener: Running, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
