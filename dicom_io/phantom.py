@@ -801,7 +801,7 @@ def _paint_disc(g: _Grid, d: Disc) -> None:
     g.labels[idx] = lab
 
 
-def _paint_vertebra(g: _Grid, v: Vertebra, sacral: bool = False, s1: bool = False) -> None:
+def _paint_vertebra(g: _Grid, v: Vertebra, s1: bool = False) -> None:
     """Vertebral body (cortex and marrow) and the neural arch of one vertebra."""
     a, b, hh = v.width / 2, v.depth / 2, v.height / 2
     yc = b + 1.0 + v.canal_depth / 2
@@ -827,7 +827,7 @@ def _paint_vertebra(g: _Grid, v: Vertebra, sacral: bool = False, s1: bool = Fals
     bone = body.copy()
     marrow_m = marrow.copy()
 
-    def add(mask: np.ndarray, shell: float = 1.2, inner: np.ndarray | None = None) -> None:
+    def add(mask: np.ndarray, inner: np.ndarray | None = None) -> None:
         bone[...] |= mask
         if inner is not None:
             marrow_m[...] |= inner
