@@ -44,8 +44,12 @@ class CropSpec:
 #: Crop specifications per task (keyed by the model package's task name).
 CROP_SPECS: dict[str, CropSpec] = {
     "mr_disc": CropSpec("mr_disc", "axial", size_mm=64.0),
-    "mr_canal": CropSpec("mr_canal", "sagittal", size_mm=64.0),
-    "mr_foramen": CropSpec("mr_foramen", "sagittal", size_mm=48.0, lateral_mm=18.0, mirror_right=True),
+    # The canal and foramina lie 20-28 mm behind the disc centre: shift those crops
+    # posteriorly so the structure graded sits in the middle, with the disc margin in view.
+    "mr_canal": CropSpec("mr_canal", "sagittal", size_mm=64.0, posterior_mm=14.0),
+    "mr_foramen": CropSpec(
+        "mr_foramen", "sagittal", size_mm=48.0, lateral_mm=18.0, posterior_mm=16.0, mirror_right=True
+    ),
     "mr_subarticular": CropSpec(
         "mr_subarticular", "axial", size_mm=40.0, lateral_mm=10.0, posterior_mm=12.0, mirror_right=True
     ),
