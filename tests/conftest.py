@@ -349,6 +349,9 @@ class Discus:
         return "\n\n".join(f"--- {d.log.name} ---\n{d.tail()}" for d in self.daemons)
 
     def stop(self) -> None:
+        for d in self.daemons:  # signal all first: their shutdowns overlap
+            if d.alive():
+                d.proc.send_signal(signal.SIGTERM)
         for d in self.daemons:
             d.terminate(timeout=10)
 

@@ -18,8 +18,9 @@ from worker.analysis_mr import graded_discs
 from worker.geometry import sagittal_reformat
 from models.crops import CROP_SPECS, CropSpec
 
-#: The level classifier sees the same axial field of view as the disc classifier.
-CT_LEVEL_SPEC = CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size_mm)
+#: The level classifier's crop: its own spec when models.crops has one, else the disc classifier's
+#: axial field of view.
+CT_LEVEL_SPEC = CROP_SPECS.get("ct_level") or CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size_mm)
 
 
 def _localize_reformat(run: Run, axial: Volume) -> dict[str, tuple[np.ndarray, float]]:

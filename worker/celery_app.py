@@ -22,7 +22,7 @@ import logging
 import os
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker.settings import Settings
 
@@ -45,7 +45,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=(Queue(ANALYZE_QUEUE), Queue(EXPORT_QUEUE)),
+        # One exchange and routing key per queue, so a message lands in exactly one queue.
+        task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q)
+                          for q in (ANALYZE_QUEUE, EXPORT_QUEUE)),
         task_default_queue=EXPORT_QUEUE,
         task_routes={ANALYZE_TASK: {"queue": ANALYZE_QUEUE}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
         task_serializer="json",

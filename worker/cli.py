@@ -157,7 +157,7 @@ def status(
         st.add_column(col, overflow="fold")
     for s in data["studies"]:
         st.add_row(s["study"], s.get("state", ""), s.get("instances", ""), s.get("revision", ""),
-                   _age(s.get("last_seen")), s.get("reason", ""))
+                   _age(s.get("last_seen")), s.get("reason") or s.get("export_error", ""))
     console.print(st)
     jt = Table(title="Jobs")
     for col in ("study", "rev", "state", "attempts", "result", "exports", "reason"):
@@ -165,7 +165,8 @@ def status(
     for j in data["jobs"]:
         jt.add_row(j.get("study", ""), j.get("revision", ""), j.get("state", ""),
                    j.get("attempts", ""), j.get("result", ""),
-                   f"{j.get('exports_done', 0)}/{j.get('exports_expected', '?')}", j.get("reason", ""))
+                   f"{j.get('exports_done', 0)}/{j.get('exports_expected', '?')}",
+                   j.get("reason") or j.get("export_error", ""))
     console.print(jt)
     dt = Table(title="Dead letters")
     for col in ("id", "study", "rev", "destination", "file", "reason"):

@@ -4,7 +4,8 @@ Keys (all under ``discus:``):
 
 ``study:<uid>``
     hash: folder, first_seen, last_seen, instances, changes (content change counter),
-    claimed_changes (changes covered by the last claimed revision), revision, state, reason.
+    claimed_changes (changes covered by the last claimed revision), revision, state, reason,
+    export_error, purged.
 ``study:<uid>:sops``
     hash: SOP Instance UID -> digest of the dataset bytes, so an identical re-send changes nothing.
 ``pending``
@@ -12,7 +13,8 @@ Keys (all under ``discus:``):
 ``studies``
     sorted set of every known study, scored by last-seen time.
 ``job:<uid>:<revision>``
-    hash: state (queued, running, exporting, done, failed, superseded), reason, attempts,
+    hash: state (queued, running, exporting, export_failed, done, failed, superseded), reason
+    (why the analysis failed or was not performed), export_error, attempts,
     queued_at, started_at, finished_at, done_at, result, objects, exports_expected,
     exports_done, exports_dead, timings (JSON).
 ``job:<uid>:<revision>:exports``
@@ -72,7 +74,7 @@ if changes <= claimed and not force then redis.call('ZREM', KEYS[2], ARGV[4]); r
 if last > tonumber(ARGV[1]) - tonumber(ARGV[2]) and not force then return -1 end
 local rev = redis.call('HINCRBY', KEYS[1], 'revision', 1)
 redis.call('HSET', KEYS[1], 'claimed_changes', changes, 'state', 'queued')
-redis.call('HDEL', KEYS[1], 'reason')
+redis.call('HDEL', KEYS[1], 'reason', 'export_error')
 redis.call('ZREM', KEYS[2], ARGV[4])
 local job = ARGV[5] .. rev
 redis.call('HSET', job, 'study', ARGV[4], 'revision', rev, 'state', 'queued',
@@ -90,8 +92,9 @@ local done = redis.call('HINCRBY', KEYS[1], 'exports_done', 1)
 local expected = tonumber(redis.call('HGET', KEYS[1], 'exports_expected') or '0')
 if done >= expected then
   redis.call('HSET', KEYS[1], 'state', 'done', 'done_at', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'reason')
+  redis.call('HDEL', KEYS[1], 'export_error')
   redis.call('HSET', KEYS[3], 'state', 'done')
+  redis.call('HDEL', KEYS[3], 'export_error')
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
   return 1
 end
@@ -292,8 +295,9 @@ class StudyIndex:
         pipe.hset(PREFIX + "deadletter", dl.id, dl.to_json())
         pipe.hincrby(self.job_key(study_uid, revision), "exports_dead", 1)
         pipe.hset(self.job_key(study_uid, revision),
-                  mapping={"state": "export_failed", "reason": reason})
-        pipe.hset(self.study_key(study_uid), mapping={"state": "export_failed", "reason": reason})
+                  mapping={"state": "export_failed", "export_error": reason})
+        pipe.hset(self.study_key(study_uid),
+                  mapping={"state": "export_failed", "export_error": reason})
         pipe.execute()
         return dl
 

@@ -69,7 +69,13 @@ def text_sr_study(out: Path) -> tuple[str, list[Path]]:
     ds.Modality = "SR"
     ds.PatientID = "TEXT"
     ds.PatientName = "Text^Only"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
     ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
     ds.ValueType = "CONTAINER"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

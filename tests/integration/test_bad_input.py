@@ -32,9 +32,12 @@ def _no_geometry(ds) -> None:
             delattr(ds, kw)
 
 
-def test_bad_input_gets_a_reason_and_service_goes_on(tmp_path: Path, orthanc, discus) -> None:
-    from pynetdicom import AE
+def test_bad_input_gets_a_reason_and_service_goes_on(tmp_path: Path, orthanc, discus,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom import AE, _config
 
+    # send the file's bytes as they are, without parsing them first
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     d = discus(orthanc)
     listener = d.start_listener()
     worker = d.start_worker()
