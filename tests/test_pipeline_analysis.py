@@ -284,3 +284,18 @@ def test_model_packages_record_why_each_is_missing(tmp_path) -> None:
         ModelPackages([tmp_path], tasks=["bogus"])
     with pytest.raises(ValueError, match="loaded"):
         ModelPackages.from_loaded({"bogus": object()})
+
+
+def test_a_failing_model_costs_only_its_own_findings() -> None:
+    t2, t1, axials = _mr_volumes()
+    packages, objs = _packages()
+
+    def boom(crops):
+        raise RuntimeError("CUDA out of memory")
+
+    objs["mr_disc"].predict = boom
+    run = _run(packages)
+    analyze_mr(run, t2, t1, axials)
+    assert run.result.not_run["mr_disc"] == "the model failed: RuntimeError: CUDA out of memory"
+    assert not any(f.condition is ConditionValues.DISC for f in run.result.findings)
+    assert any(f.condition is ConditionValues.SPINAL_CANAL_STENOSIS for f in run.result.findings)

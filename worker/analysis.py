@@ -319,6 +319,21 @@ def _normalise(h: np.ndarray) -> np.ndarray:
 
 
 def classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> list[Finding]:
+    """Findings of one task; a model that fails leaves the task in ``not_run`` with the error.
+
+    See :func:`_classify`.
+    """
+    if not jobs:
+        return []
+    try:
+        return _classify(run, jobs, condition)
+    except Exception as exc:  # one failing model must not cost the study its other findings
+        log.exception("study %s: %s failed", run.result.study_instance_uid, jobs[0].task)
+        run.not_run(jobs[0].task, f"the model failed: {type(exc).__name__}: {exc}")
+        return []
+
+
+def _classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> list[Finding]:
     """Run one task's classifier on all its crops, then Grad-CAM for graded findings.
 
     Crops go through the network in batches of at most ``options.max_batch``.
@@ -326,8 +341,6 @@ def classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> l
     [0, 1], and the finding's image point is the heatmap peak (the crop centre
     when no heatmap is computed).
     """
-    if not jobs:
-        return []
     task = jobs[0].task
     predictor = run.model(task)
     if predictor is None:

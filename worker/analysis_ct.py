@@ -43,7 +43,10 @@ def analyze_ct(run: Run, axial: Volume) -> None:
     disc_jobs = _jobs(run, "ct_disc", axial, discs, points)
     if disc_jobs:
         run.result.findings.extend(classify(run, disc_jobs, ConditionValues.DISC))
-    _check_levels(run, axial, discs, points)
+    try:
+        _check_levels(run, axial, discs, points)
+    except Exception as exc:  # the level check is advisory; its failure is reported, not raised
+        run.not_run("ct_level", f"the model failed: {type(exc).__name__}: {exc}")
 
 
 def _jobs(

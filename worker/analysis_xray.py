@@ -7,15 +7,30 @@ source image's pixels.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from dicom_io.results import LUMBAR_SPINE, ConditionValues, Finding, GRADES
 from dicom_io.volume import Volume
 from worker.analysis import Run, grade_names, image_ref, input_px, resize
 
+log = logging.getLogger(__name__)
+
 
 def analyze_xray(run: Run, images: list[Volume]) -> None:
-    """Fill ``run.result`` with one finding per X-ray image (each a single-image volume)."""
+    """Fill ``run.result`` with one finding per X-ray image (each a single-image volume).
+
+    A model that fails leaves ``xray`` in ``not_run`` with the error.
+    """
+    try:
+        _analyze_xray(run, images)
+    except Exception as exc:  # reported on the study, never raised into the worker
+        log.exception("study %s: xray failed", run.result.study_instance_uid)
+        run.not_run("xray", f"the model failed: {type(exc).__name__}: {exc}")
+
+
+def _analyze_xray(run: Run, images: list[Volume]) -> None:
     predictor = run.model("xray")
     if predictor is None or not images:
         return
