@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -132,7 +133,10 @@ class ReusePortAssociationServer(NoDelayThreadedAssociationServer):
     one-interpreter limit on concurrent senders.
     """
 
-    allow_reuse_port = True
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind sets only SO_REUSEADDR; add SO_REUSEPORT before it binds.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def start_server(settings: Settings, on_stored: Any, stats: ListenerStats, reuse_port: bool) -> Any:
@@ -182,9 +186,10 @@ def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: b
         for p in extra:
             p.terminate()  # SIGTERM: each sibling shuts down the same way
         server.shutdown()  # stops accepting new associations
-        # Let running associations finish (their senders would otherwise retry everything).
+        # Let running associations finish (their senders would otherwise retry everything);
+        # released ones linger a while in pynetdicom and are not waited for.
         grace = time.monotonic() + SHUTDOWN_GRACE
-        while server.active_associations and time.monotonic() < grace:
+        while _established(server) and time.monotonic() < grace:
             time.sleep(0.1)
         if watcher is not None:
             watcher.stop()
@@ -192,6 +197,10 @@ def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: b
             p.join(SHUTDOWN_GRACE + 5)
         log.info("listener stopped; totals %s", stats.snapshot())
     return stats
+
+
+def _established(server: Any) -> list[Any]:
+    return [a for a in server.active_associations if a.is_established]
 
 
 def _serve_sibling(settings_json: str) -> None:
