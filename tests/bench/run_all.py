@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ def main() -> None:
         module = importlib.import_module(f"tests.bench.{info.name}")
         if hasattr(module, "main"):
             print(f"### {info.name}", flush=True)
-            module.main([])
+            takes_argv = bool(inspect.signature(module.main).parameters)
+            module.main([]) if takes_argv else module.main()
         else:
             print(f"### {info.name}: no main(), skipped", file=sys.stderr)
 
