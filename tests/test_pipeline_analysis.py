@@ -174,7 +174,7 @@ def test_mr_crops_grades_sides_and_heatmaps_land_on_the_lesion() -> None:
     assert canal.image.series_instance_uid == t2.series_instance_uid and canal.heatmap is None
     # Axial images missing at L1-L2 and L2-L3 are said, with the distance; low confidence too.
     assert any("mr_disc at L1-L2" in w and "mm from the point" in w for w in res.warnings)
-    assert any("low localization confidence at L5-S1" in w for w in res.warnings)
+    assert any("low localization confidence" in w and "L5-S1 (0.30)" in w for w in res.warnings)
     assert {m.task for m in res.models} == {"levels", "mr_canal", "mr_foramen", "mr_disc", "mr_subarticular"}
     assert {"localize", "crops", "classify", "explain"} <= set(res.timings)
     assert res.not_run == {}

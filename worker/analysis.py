@@ -186,13 +186,16 @@ def localize(
     for w in getattr(out, "warnings", ()) or ():
         run.warn(f"level localization: {w}")
     points: dict[str, tuple[np.ndarray, float]] = {}
+    low = []
     for p in getattr(out, "points", ()) or ():
         conf = float(p.confidence)
         mm = np.asarray(p.point_mm, float)
         points[p.name] = (mm, conf)
         run.result.levels.append(level_location(p.name, mm, conf, reference))
         if conf < run.options.low_confidence:
-            run.warn(f"low localization confidence at {p.name} ({conf:.2f})")
+            low.append(f"{p.name} ({conf:.2f})")
+    if low:
+        run.warn(f"low localization confidence (< {run.options.low_confidence:g}) at {', '.join(low)}")
     if not points:
         reason = getattr(out, "reason", None) or "no level found"
         run.warn(f"level localization on {label} found no level: {reason}")

@@ -56,7 +56,10 @@ LEVEL_RADIUS_MM = 10.0
 
 @pytest.fixture(scope="module")
 def packages() -> ModelPackages:
-    return ModelPackages.shared()
+    """The packages the daemon will load (``DISCUS_MODEL_DIRS`` or ``models/packages``)."""
+    from worker.settings import Settings
+
+    return ModelPackages.shared(Settings().model_dirs or None)
 
 
 def _need(packages: ModelPackages, *tasks: str) -> None:
