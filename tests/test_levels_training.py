@@ -66,8 +66,15 @@ def test_sample_targets_sit_on_the_labelled_points() -> None:
     r2, _ = np.unravel_index(np.argmax(y[2]), y[2].shape)
     body_rows = np.nonzero(y[0].max(axis=1) > 0.9)[0]
     assert y[2].max() > 0.9 and r2 > body_rows.max()
-    # the unlabelled region above the top body is ignored for bodies and discs, not for the anchor
-    assert m[0, 0].sum() == 0 and m[1, 0].sum() == 0 and m[2].min() == 1.0
+    # imaged but unlabelled anatomy above the top body is ignored for bodies and discs, not for
+    # the anchor; the padding outside the image always counts as background
+    top = body_rows.min()
+    image_rows = np.nonzero(x[1].max(axis=1) > 0)[0]
+    assert image_rows.min() < top - 2
+    col = int(np.argmax(x[1, top]))
+    assert m[0, image_rows.min() + 1, col] == 0 and m[1, image_rows.min() + 1, col] == 0
+    assert m[2].min() == 1.0
+    assert m[0, 0].min() == 1.0 and m[:, :, 0].min() == 1.0
 
 
 def test_augmented_samples_vary_and_stay_finite() -> None:

@@ -281,16 +281,23 @@ def test_shipped_model_finds_nothing_in_noise() -> None:
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["VB2-05", "VB3-10", "VB3-44"])
-@pytest.mark.parametrize("thick", [False, True])
-def test_shipped_model_on_real_volumes(name: str, thick: bool) -> None:
+@pytest.mark.parametrize("route", ["dicom_series", "reversed_slabs"])
+def test_shipped_model_on_real_volumes(name: str, route: str, tmp_path: Path) -> None:
     if not (DATA / "levels.json").is_file():
         pytest.skip(f"shared level data not found at {DATA.resolve()}")
     from training.levels import load_cases, score_case, to_dicom_geometry
 
     loc = shipped()
     case = load_cases(DATA, [name])[0]
-    arr, aff = to_dicom_geometry(case.image, case.affine)
-    if thick:  # a clinical-like series: 4 mm slices, stored in reverse order
+    if route == "dicom_series":  # written as 4 mm DICOM images by the project's writer, read back
+        from dicom_io.volumes import load_volume
+        from dicom_io.writer import write_nifti_as_series
+
+        files = write_nifti_as_series(DATA / f"{name}.nii.gz", tmp_path / "series", slice_thickness=4.0)
+        vol = load_volume(files)
+        arr, aff = vol.array, vol.affine
+    else:  # 4 mm slabs stored in reverse order
+        arr, aff = to_dicom_geometry(case.image, case.affine)
         arr, aff, _ = reslab(arr, aff, 4.0)
         n = arr.shape[0]
         arr = arr[::-1].copy()

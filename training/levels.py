@@ -42,7 +42,7 @@ from models.localizer import (
 #: Training crop of the canonical grid (rows, columns); the network is fully convolutional.
 TRAIN_SHAPE: tuple[int, int] = (96, 80)
 #: In-plane Gaussian width of the heatmap targets (grid pixels).
-SIGMA_PX = 1.2
+SIGMA_PX = 2.0
 #: Left-right fall-off of target heights (mm): the network learns to peak on the mid-plane.
 SIGMA_LR_MM = 6.0
 #: Identification radius (mm) of the metrics.
@@ -237,15 +237,16 @@ def make_sample(
         band |= np.abs(row - cut_lo) < 12
     if cut_hi < ni:
         band |= np.abs(row - cut_hi) < 12
-    mask[:, band] = 0.0
+    inside = ndimage.binary_dilation(valid[1], iterations=3)  # padding outside the image stays negative
+    mask[:, band & inside] = 0.0
     top = min(case.vertebrae, key=lambda n: case.vertebrae[n][0]) if case.vertebrae else None
     if top is not None and top in case.superior_endplates and top in case.axes:
         # levels above the top labelled body are visible but unlabelled: neither positive nor negative
         ax = case.axes[top][:2] / np.linalg.norm(case.axes[top][:2])
         e = case.superior_endplates[top][:2] + 3.0 * ax
         above = (row - e[0]) * ax[0] + (col - e[1]) * ax[1] < 0
-        mask[0][above] = 0.0
-        mask[1][above] = 0.0
+        mask[0][above & inside] = 0.0
+        mask[1][above & inside] = 0.0
 
     def project(vox: np.ndarray) -> tuple[float, float, float] | None:
         i, j, k = vox
@@ -299,7 +300,7 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
 
 def train_model(
     cases: Sequence[LevelCase],
-    steps: int = 360,
+    steps: int = 400,
     batch_size: int = 8,
     lr: float = 4e-3,
     seed: int = 0,
@@ -583,10 +584,14 @@ def case_folds(cases: Sequence[LevelCase], folds: int = 5, seed: int = 0) -> lis
 
 
 def cross_validate(
-    data_dir: str | Path, out_dir: str | Path, folds: int = 5, steps: int = 180, seed: int = 0,
-    log: Any = print, only_folds: Sequence[int] | None = None,
+    data_dir: str | Path, out_dir: str | Path, folds: int = 5, steps: int = 240, seed: int = 0,
+    log: Any = print, only_folds: Sequence[int] | None = None, reuse: bool = False,
 ) -> dict[str, Any]:
-    """Case-grouped k-fold CV: train on k-1 folds, localize the held-out cases, report all."""
+    """Case-grouped k-fold CV: train on k-1 folds, localize the held-out cases, report all.
+
+    Each fold's model is kept as a package under ``out_dir/folds``; with ``reuse`` an
+    existing one is evaluated again instead of retrained (after a post-processing change).
+    """
     out = Path(out_dir)
     cases = load_cases(data_dir)
     splits = case_folds(cases, folds, seed)
@@ -595,9 +600,15 @@ def cross_validate(
         if only_folds is not None and f not in only_folds:
             continue
         train = [c for c in cases if c.name not in held]
-        log(f"fold {f + 1}/{folds}: train {len(train)} cases, test {len(held)}")
-        net = train_model(train, steps=steps, seed=seed + f, log=log)
-        loc = LevelLocalizer(net, {})
+        fold_pkg = out / "folds" / f"fold{f}"
+        if reuse and (fold_pkg / "config.json").is_file():
+            log(f"fold {f + 1}/{folds}: reusing the model in {fold_pkg}")
+            loc = LevelLocalizer.from_package(fold_pkg)
+        else:
+            log(f"fold {f + 1}/{folds}: train {len(train)} cases, test {len(held)}")
+            net = train_model(train, steps=steps, seed=seed + f, log=log)
+            save_package(net, fold_pkg, {"fold": f, "held_out": held, "steps": steps}, {})
+            loc = LevelLocalizer.from_package(fold_pkg)
         for c in cases:
             if c.name in held:
                 res, sec = localize_case(loc, c)
@@ -612,7 +623,7 @@ def cross_validate(
 
 def train_levels(
     data_dir: str | Path, package_dir: str | Path, out_dir: str | Path | None = None, folds: int = 5,
-    steps: int = 360, cv_steps: int | None = None, seed: int = 0, log: Any = print,
+    steps: int = 400, cv_steps: int | None = 240, seed: int = 0, log: Any = print,
 ) -> Path:
     """Cross-validate (when ``folds`` > 1 and ``out_dir`` given), then train on all cases and ship.
 
