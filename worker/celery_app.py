@@ -82,6 +82,7 @@ def _warm_models(**_: object) -> None:
         return  # an export-only worker needs no models
     settings: Settings = app.discus_settings  # type: ignore[attr-defined]
     try:
+        import worker.pipeline  # noqa: F401  (imports torch once, before the first study)
         from worker.model_packages import ModelPackages
 
         ModelPackages.shared(settings.model_dirs or None, device=settings.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tests.conftest import storescu, wait_for
@@ -46,6 +47,7 @@ def test_several_associations_and_identical_resend_give_one_result(tmp_path: Pat
     d.start_listener()
     d.start_worker()
     study_uid, files = demo_study(tmp_path / "study", "MR", seed=12)
+    held_back, files = files[-1], files[:-1]
     half = len(files) // 2
     for part in (files[:half], files[half:]):  # two associations within the quiet period
         assert storescu(d.port, part).returncode == 0
@@ -53,10 +55,25 @@ def test_several_associations_and_identical_resend_give_one_result(tmp_path: Pat
     first = {o["SOPInstanceUID"] for o in discus_objects(orthanc, study_uid)}
 
     assert storescu(d.port, files).returncode == 0  # identical re-send
-    time.sleep(d.settings["quiet_period"] * 3 + 1)
+    time.sleep(d.settings["quiet_period"] * 2 + 1)  # well past the quiet period
     idx = d.index()
     assert idx.latest_revision(study_uid) == 1
     assert len(idx.jobs_of(study_uid)) == 1
     assert idx.quiet_candidates(0) == []
     assert {o["SOPInstanceUID"] for o in discus_objects(orthanc, study_uid)} == first
     assert int(idx.study(study_uid)["instances"]) == len(files)
+
+    # a new instance after the analysis: revision 2, whose SR joins (and supersedes) the first
+    assert storescu(d.port, [held_back]).returncode == 0
+    wait_for(lambda: idx.job(study_uid, 2).get("state") == "done", 180, "revision 2")
+    assert len(idx.jobs_of(study_uid)) == 2
+    srs = [o for o in discus_objects(orthanc, study_uid) if is_sr(o)]
+    assert len(srs) == 2
+    new_sr = next(o for o in srs if o["SOPInstanceUID"] not in first)
+    ds = pydicom.dcmread(orthanc.download(new_sr["OrthancID"], tmp_path / "sr2.dcm"))
+    predecessors = [ref.ReferencedSOPInstanceUID
+                    for study in ds.PredecessorDocumentsSequence
+                    for series in study.ReferencedSeriesSequence
+                    for ref in series.ReferencedSOPSequence]
+    assert predecessors == [o["SOPInstanceUID"] for o in srs if o["SOPInstanceUID"] in first]
+    assert int(idx.study(study_uid)["instances"]) == len(files) + 1
