@@ -77,3 +77,18 @@ def test_several_associations_and_identical_resend_give_one_result(tmp_path: Pat
                     for ref in series.ReferencedSOPSequence]
     assert predecessors == [o["SOPInstanceUID"] for o in srs if o["SOPInstanceUID"] in first]
     assert int(idx.study(study_uid)["instances"]) == len(files) + 1
+
+
+def test_dicomweb_destination_gets_the_result_by_stow(tmp_path: Path, orthanc, discus) -> None:
+    d = discus(orthanc, destinations=[{"name": "web", "kind": "dicomweb",
+                                       "url": orthanc.dicomweb_url}])
+    d.start_listener()
+    d.start_worker()
+    study_uid, files = demo_study(tmp_path / "study", "DX", seed=13)
+    sent = d.cli("send", str(tmp_path / "study"), "--port", str(d.port))  # our own C-STORE client
+    assert f"sent {len(files)} of {len(files)} files" in sent.stdout
+    job = wait_for(lambda: (j := d.index().job(study_uid, 1)).get("state") == "done" and j,
+                   180, "the result over STOW-RS")
+    objects = discus_objects(orthanc, study_uid)
+    assert len(objects) == int(job["objects"]) >= 1
+    assert len([o for o in objects if is_sr(o)]) == 1
