@@ -89,3 +89,13 @@ def test_models_lists_architectures_and_what_is_not_installed() -> None:
     cp = discus("models", timeout=180)
     assert cp.returncode == 0, cp.stderr
     assert "architectures:" in cp.stdout
+
+
+def test_worker_parent_and_listener_do_not_import_torch() -> None:
+    # CUDA must never be initialised in the process that forks the analysis children.
+    code = ("import sys, worker.celery_app, worker.tasks, worker.listener, worker.cli; "
+            "print('torch' in sys.modules)")
+    cp = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == "False"

@@ -64,3 +64,36 @@ def test_sweep_purges_delivered_studies_after_retention_only(redis_url: str, tmp
     assert not (settings.spool / "1.1").exists() and not (settings.outbox / "1.1").exists()
     assert (settings.spool / "2.2").exists()  # a new revision is on its way
     assert index.study("1.1")["purged"] == "1"
+
+
+@pytest.mark.integration
+def test_claim_never_queued_is_queued_later_once(redis_url: str, tmp_path: Path) -> None:
+    settings = Settings(redis_url=redis_url, data_dir=tmp_path, quiet_period=1.0)
+    index = StudyIndex.from_url(redis_url)
+    index.record_instance("4.4", "4.4.1", "a", tmp_path, now=10.0)
+    assert index.claim("4.4", quiet=1.0, now=12.0) == 1  # a monitor that died before sending
+    sent: list[tuple[str, int]] = []
+    monitors = [StabilityMonitor(index, settings, enqueue=lambda u, r: sent.append((u, r)) or "t")
+                for _ in range(2)]
+    for m in monitors:
+        m.tick(now=20.0)
+    assert sent == []  # too recent: its claimer may still be sending
+    for m in monitors:
+        m.tick(now=100.0)
+    assert sent == [("4.4", 1)]
+    for m in monitors:
+        m.tick(now=200.0)
+    assert sent == [("4.4", 1)]
+
+
+@pytest.mark.integration
+def test_exports_finishing_before_mark_exporting_stay_done(redis_url: str) -> None:
+    index = StudyIndex.from_url(redis_url)
+    index.record_instance("6.6", "6.6.1", "a", Path("/s"), now=1.0)
+    index.claim("6.6", quiet=0, now=2.0)
+    index.start_attempt("6.6", 1)
+    index.expect_exports("6.6", 1, objects=1, destinations=1)
+    assert index.job("6.6", 1)["state"] == "running"  # a lost worker: the job runs again
+    index.exported("6.6", 1, "pacs", "sr.dcm")
+    index.mark_exporting("6.6", 1)
+    assert index.job("6.6", 1)["state"] == "done"

@@ -101,6 +101,14 @@ end
 return 0
 """
 
+# KEYS: job, study. ARGV: new state. Sets it only while the job is still running.
+_IF_RUNNING = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+redis.call('HSET', KEYS[2], 'state', ARGV[1])
+return 1
+"""
+
 
 def dataset_digest(path: Path) -> str:
     """SHA-1 of a Part-10 file's dataset, leaving out the preamble and file meta.
@@ -158,6 +166,7 @@ class StudyIndex:
         self._record = client.register_script(_RECORD)
         self._claim = client.register_script(_CLAIM)
         self._exported = client.register_script(_EXPORTED)
+        self._if_running = client.register_script(_IF_RUNNING)
 
     @classmethod
     def from_url(cls, url: str) -> StudyIndex:
@@ -272,7 +281,34 @@ class StudyIndex:
                          **fields)
             self.r.zadd(PREFIX + "purge", {study_uid: now})
         else:
-            self.set_job(study_uid, revision, study_state="exporting", state="exporting", **fields)
+            # The state stays "running" until the exports are queued (see mark_exporting), so a
+            # worker lost in between leaves a job that is analysed again, not one stuck.
+            self.set_job(study_uid, revision, **fields)
+
+    def mark_exporting(self, study_uid: str, revision: int) -> None:
+        """After the exports are queued: running -> exporting (unless they already finished)."""
+        self._if_running(keys=[self.job_key(study_uid, revision), self.study_key(study_uid)],
+                         args=["exporting"])
+
+    def unsent_jobs(self, older_than: float, now: float | None = None, scan: int = 200) -> list[tuple[str, int]]:
+        """Recent jobs claimed but never handed to the queue (their claimer died in between)."""
+        now = time.time() if now is None else now
+        members = [m.decode() for m in self.r.zrangebyscore(
+            PREFIX + "jobs", now - 24 * 3600, now - older_than, start=0, num=scan)]
+        pipe = self.r.pipeline()
+        for m in members:
+            uid, rev = m.rsplit(":", 1)
+            pipe.hmget(self.job_key(uid, int(rev)), "state", "task_id")
+        out = []
+        for m, (state, task_id) in zip(members, pipe.execute()):
+            if state == b"queued" and not task_id:
+                uid, rev = m.rsplit(":", 1)
+                out.append((uid, int(rev)))
+        return out
+
+    def lock(self, name: str, seconds: float) -> bool:
+        """A short-lived lock (SET NX EX): True for the one caller that got it."""
+        return bool(self.r.set(f"{PREFIX}lock:{name}", "1", nx=True, px=int(seconds * 1000)))
 
     def exported(self, study_uid: str, revision: int, destination: str, name: str,
                  now: float | None = None) -> bool:

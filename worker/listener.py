@@ -25,6 +25,8 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Seconds after which a claimed job that was never queued is queued by another monitor.
+UNSENT_AFTER = 30.0
 #: Seconds a SIGTERM waits for running associations before the process exits.
 SHUTDOWN_GRACE = 20.0
 
@@ -64,6 +66,13 @@ class StabilityMonitor:
                 task_id = self.enqueue(uid, revision)
                 self.index.mark_enqueued(uid, revision, task_id)
                 log.info("study %s quiet for %.1f s: queued revision %d", uid, quiet, revision)
+                queued.append((uid, revision))
+        # A claim whose enqueue never happened (the claimer died in between): send it now.
+        for uid, revision in self.index.unsent_jobs(older_than=UNSENT_AFTER, now=now):
+            if self.index.lock(f"send:{uid}:{revision}", UNSENT_AFTER):
+                self.index.mark_enqueued(uid, revision, self.enqueue(uid, revision))
+                log.warning("study %s revision %d was claimed but never queued: queued now",
+                            uid, revision)
                 queued.append((uid, revision))
         return queued
 

@@ -141,6 +141,7 @@ def analyze_study(self: Any, study_uid: str, revision: int) -> dict[str, Any]:
         idx.r.hset(idx.study_key(study_uid), "reason", result.reason)
     idx.expect_exports(study_uid, revision, len(files), len(settings.destinations))
     queue_exports(settings, study_uid, revision, files)
+    idx.mark_exporting(study_uid, revision)
     log.info("study %s revision %s: %s, %d objects, %d findings", study_uid, revision,
              result.status.value, len(files), len(result.findings))
     return {"state": "exporting", "result": result.status.value, "objects": len(files)}
