@@ -270,3 +270,56 @@ def test_mr_geometry_on_dicom_with_oracle_levels(mr_study: tuple[Path, dict], tm
             assert abs(d[0]) < 2.3 and np.linalg.norm(d[1:]) < 2.2, (f.condition, f.level, d)
     files = encode_outputs(res, folder, tmp_path / "out")
     assert len(files) == 1 + len(res.findings) + 1  # SR, one overlay per finding, the key image
+
+
+def test_mr_with_real_predictors_untrained(mr_study: tuple[Path, dict]) -> None:
+    """The pipeline drives the real Predictor (preprocessing, batching, Grad-CAM) end to end.
+
+    Random-weight networks: only shapes, ranges and the heatmap mapping are checked,
+    never grades.
+    """
+    import torch
+
+    from models.config import ModelConfig
+    from models.predictor import Predictor
+    from models.registry import create_model
+
+    torch.manual_seed(0)
+    folder, gt = mr_study
+    discs = {k: v for k, v in gt["levels"].items() if k in ("L3-L4", "L4-L5")}
+
+    class Oracle:
+        config = {"name": "oracle", "version": "test", "task": "levels", "sha256": "a" * 64}
+
+        def __call__(self, array, affine):
+            from types import SimpleNamespace
+
+            pts = [SimpleNamespace(name=k, point_mm=tuple(v), voxel=(0, 0, 0), confidence=1.0)
+                   for k, v in discs.items()]
+            return SimpleNamespace(points=pts, warnings=[], reason=None)
+
+    def predictor(task: str, classes: list[str]) -> Predictor:
+        cfg = ModelConfig(name=f"untrained-{task}", architecture="resnet18", task=task, version="0",
+                          input_size=(64, 64), in_chans=1, class_names=classes,
+                          preprocessing={"mode": "percentile"}, sha256="c" * 64)
+        net = create_model("resnet18", small=True, num_classes=len(classes), in_chans=1)
+        return Predictor(net, cfg, device="cpu")
+
+    sten = ["normal_mild", "moderate", "severe"]
+    objs = {"levels": Oracle(), "mr_canal": predictor("mr_canal", sten),
+            "mr_disc": predictor("mr_disc", ["normal", "bulging", "herniation"])}
+
+    class Everything:  # Grad-CAM for every finding, whatever the grade
+        heatmap_min_severity = 0
+
+    res = analyze_study(folder, 1, packages=ModelPackages.from_loaded(objs), settings=Everything())
+    assert res.status is StatusValues.ANALYSED
+    assert {(f.condition, f.level) for f in res.findings} == {
+        (c, lv) for c in (ConditionValues.DISC, ConditionValues.SPINAL_CANAL_STENOSIS) for lv in discs
+    }
+    for f in res.findings:
+        assert abs(sum(f.probabilities.values()) - 1.0) < 1e-4
+        assert f.heatmap is not None and f.heatmap.dtype == np.float32
+        assert 0.0 <= f.heatmap.min() and f.heatmap.max() <= 1.0
+    assert set(res.not_run) == {"mr_foramen", "mr_subarticular"}
+    assert res.timings["explain"] > 0 and res.timings["classify"] > 0
