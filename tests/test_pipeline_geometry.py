@@ -102,3 +102,9 @@ def test_sagittal_reformat_maps_voxels_to_the_same_patient_points() -> None:
     assert 60 <= arr.shape[0] <= 64 and 60 <= arr.shape[2] <= 64 and 70 <= arr.shape[1] <= 75
     with pytest.raises(ValueError, match="slice_mm"):
         sagittal_reformat(vol, slice_mm=0)
+    # A narrower reformat keeps the central images, at the same patient positions.
+    narrow, naff = sagittal_reformat(vol, inplane_mm=1.0, slice_mm=1.0, width_mm=20.0)
+    assert narrow.shape[0] == 20 and narrow.shape[1:] == arr.shape[1:]
+    k = int(round(np.linalg.solve(naff[:3, :3], target - naff[:3, 3])[2]))
+    k_full = int(round(np.linalg.solve(aff[:3, :3], target - aff[:3, 3])[2]))
+    np.testing.assert_allclose(narrow[k], arr[k_full], atol=1e-4)

@@ -23,11 +23,15 @@ from models.crops import CROP_SPECS, CropSpec
 CT_LEVEL_SPEC = CROP_SPECS.get("ct_level") or CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size_mm)
 
 
+#: Left-right extent of the sagittal reformat: wider than the band of images the localizer reads.
+REFORMAT_WIDTH_MM = 120.0
+
+
 def _localize_reformat(run: Run, axial: Volume) -> dict[str, tuple[np.ndarray, float]]:
     if run.model("levels") is None:
         return {}
     with run.stage("reformat"):
-        array, affine = sagittal_reformat(axial, inplane_mm=1.0, slice_mm=2.0)
+        array, affine = sagittal_reformat(axial, inplane_mm=1.0, slice_mm=2.0, width_mm=REFORMAT_WIDTH_MM)
     # The reformat is not an image of the study: levels refer to the nearest axial image.
     return localize(run, array, affine, "the sagittal reformat", axial)
 
