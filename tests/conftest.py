@@ -304,7 +304,8 @@ class Discus:
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, **NODELAY_ENV, "DISCUS_CONFIG": str(self.config),
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                "COLUMNS": "250"}  # rich tables unfolded, so UIDs stay on one line
 
     @property
     def spool(self) -> Path:

@@ -292,14 +292,15 @@ SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 def _fetch_results(url: str, study_uid: str) -> tuple[list[dict[str, Any]], Any]:
-    """Instances of the study our AE sent back (QIDO-RS), and the newest SR (WADO-RS) or None."""
+    """Instances of the study in the PACS (QIDO-RS), and its newest SR (WADO-RS) or None."""
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url=url)
+    # The fields to sort SRs by date and show descriptions are not in every PACS's defaults.
     found = client.search_for_instances(
         study_instance_uid=study_uid,
         fields=["SeriesDescription", "Modality", "SOPClassUID", "SeriesInstanceUID",
-                "SeriesNumber", "InstanceNumber", "ContentDate", "ContentTime"])
+                "ContentDate", "ContentTime"])
     rows = []
     for item in found:
         def val(tag: str) -> str:

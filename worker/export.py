@@ -103,7 +103,7 @@ def sweep_delivered(index: StudyIndex, settings: Settings, now: float | None = N
     spool = Spool(settings.spool, fsync=False)
     for uid in index.purge_due(settings.retention_period, now=now):
         if not index.is_settled(uid):
-            index.r.zrem("discus:purge", uid)  # a newer revision will queue it again
+            index.unschedule_purge(uid)  # its newer revision schedules it again when delivered
             continue
         try:
             spool.remove_study(uid)

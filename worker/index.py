@@ -361,6 +361,9 @@ class StudyIndex:
         now = time.time() if now is None else now
         return [u.decode() for u in self.r.zrangebyscore(PREFIX + "purge", "-inf", now - retention)]
 
+    def unschedule_purge(self, study_uid: str) -> None:
+        self.r.zrem(PREFIX + "purge", study_uid)
+
     def purged(self, study_uid: str) -> None:
         pipe = self.r.pipeline()
         pipe.zrem(PREFIX + "purge", study_uid)

@@ -39,6 +39,11 @@ def test_storescu_study_comes_back_as_valid_sr_and_sc(tmp_path: Path, orthanc, d
         path = orthanc.download(o["OrthancID"], tmp_path / f"{o['SOPInstanceUID']}.dcm")
         report = dciodvfy(path)
         assert report.ok, f"{o['SOPClassUID']}: {report.errors}"
+    # what an operator sees: the objects and the findings read back from the SR
+    shown = d.cli("results", study_uid, "--url", orthanc.dicomweb_url).stdout
+    assert srs[0]["SOPInstanceUID"] in shown
+    assert "Findings in the SR" in shown and f"{len(result.findings)} entries" in shown
+    assert f"status: {result.status.value}" in shown
 
 
 def test_several_associations_and_identical_resend_give_one_result(tmp_path: Path, orthanc,
