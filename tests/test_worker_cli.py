@@ -99,3 +99,30 @@ def test_worker_parent_and_listener_do_not_import_torch() -> None:
                         timeout=120)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.strip() == "False"
+
+
+@pytest.mark.integration
+def test_dashboard_requires_basic_auth(config: Path) -> None:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import port_open, wait_for
+
+    port = free_port()
+    env = {**os.environ, "DISCUS_CONFIG": str(config), "DISCUS_FLOWER_PASSWORD": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "dashboard", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port), 60, "Flower")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        assert refused.value.code == 401
+        token = base64.b64encode(b"admin:s3cret").decode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/workers",
+                                     headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(20)
