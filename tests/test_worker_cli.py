@@ -126,3 +126,14 @@ def test_dashboard_requires_basic_auth(config: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_training_commands_are_mounted_when_present() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("training.cli") is None:
+        pytest.skip("training.cli is not part of this tree")
+    for sub in ("train", "evaluate"):
+        cp = discus(sub, "--help", timeout=120)
+        assert cp.returncode == 0, cp.stderr
+        assert f"discus {sub}" in cp.stdout

@@ -23,7 +23,8 @@ from worker.index import StudyIndex
 from worker.settings import Settings
 
 log = get_task_logger(__name__)
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+for _noisy in ("pynetdicom", "highdicom"):  # per-object INFO lines drown the study lines
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 #: Job states after which a redelivered analysis message has nothing left to do.
 FINISHED = frozenset({"exporting", "done", "export_failed", "failed", "superseded"})
