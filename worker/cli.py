@@ -58,13 +58,15 @@ def listen(
     port: Annotated[Optional[int], typer.Option(help="TCP port (default from settings: 11112).")] = None,
     ae_title: Annotated[Optional[str], typer.Option(help="The listener's AE title.")] = None,
     spool: Annotated[Optional[Path], typer.Option(help="Folder received instances go to.")] = None,
+    processes: Annotated[Optional[int], typer.Option(
+        help="Listener processes sharing the port (for many concurrent senders).")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Receive studies over DICOM C-STORE and queue quiet ones for analysis (until SIGTERM)."""
     from worker.listener import serve
 
     _logging(log_level)
-    serve(_settings(port=port, ae_title=ae_title, spool_dir=spool))
+    serve(_settings(port=port, ae_title=ae_title, spool_dir=spool, listener_processes=processes))
 
 
 @app.command()
@@ -128,7 +130,6 @@ def _status_data(settings: Any, limit: int) -> dict[str, Any]:
         "studies": idx.studies(limit),
         "jobs": idx.jobs(limit),
         "dead_letters": [d.__dict__ for d in idx.dead_letters()],
-        "events": idx.events(limit),
     }
 
 

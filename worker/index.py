@@ -400,15 +400,3 @@ class StudyIndex:
 
     def _maybe_job(self, uid: str, rev: int) -> dict[str, str]:
         return _decode(self.r.hgetall(self.job_key(uid, rev)))
-
-    def record_event(self, kind: str, detail: dict[str, Any], keep: int = 1000) -> None:
-        """Append to the capped event log (rejected instances, associations refused, ...)."""
-        entry = json.dumps({"at": time.time(), "kind": kind, **detail}, sort_keys=True)
-        pipe = self.r.pipeline()
-        pipe.lpush(PREFIX + "events", entry)
-        pipe.ltrim(PREFIX + "events", 0, keep - 1)
-        pipe.execute()
-
-    def events(self, limit: int = 50) -> list[dict[str, Any]]:
-        return [json.loads(e) for e in self.r.lrange(PREFIX + "events", 0, limit - 1)]
-
