@@ -59,3 +59,11 @@ def test_invalid_values_are_refused(bad: dict, monkeypatch: pytest.MonkeyPatch) 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="path"):
         Settings.load(tmp_path / "absent.toml")
+
+
+def test_env_file_is_read_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISCUS_PORT", raising=False)
+    cfg = tmp_path / "discus.env"
+    cfg.write_text('DISCUS_PORT=12345\nDISCUS_DESTINATIONS=[{"name": "p", "port": 104}]\n')
+    s = Settings.load(cfg)
+    assert s.port == 12345 and s.destination("p").port == 104

@@ -1,8 +1,9 @@
 """Daemon configuration: one :class:`Settings` object read from the environment and a TOML file.
 
 Precedence, highest first: keyword arguments, environment variables (prefix ``DISCUS_``,
-nested keys joined by ``__``), the TOML file named by ``DISCUS_CONFIG`` (or passed to
-:meth:`Settings.load`), then the defaults below. ``deploy/discus.example.toml`` documents
+nested keys joined by ``__``), the file named by ``DISCUS_CONFIG`` (or passed to
+:meth:`Settings.load`): TOML, or ``DISCUS_KEY=value`` lines when its name ends in ``.env``;
+then the defaults below. ``deploy/discus.example.toml`` documents
 every key.
 """
 
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -151,7 +153,9 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = os.environ.get(CONFIG_ENV)
-        if path:
+        if path and Path(path).suffix == ".env":  # KEY=value lines, DISCUS_ prefix as in env
+            sources.append(DotEnvSettingsSource(settings_cls, env_file=Path(path)))
+        elif path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
 
