@@ -575,6 +575,10 @@ class LevelLocalizer:
         vert = find_peaks(proj[0], self.threshold, min_distance_px=int(12 / px))
         discs = find_peaks(proj[1], self.threshold, min_distance_px=int(8 / px))
         anchors = find_peaks(proj[2], self.anchor_threshold, min_distance_px=int(20 / px))
+        # a body peak where the disc map is stronger is a disc, and the other way round
+        at = lambda ch, p: proj[ch][int(round(p.row)), int(round(p.col))]  # noqa: E731
+        vert = [p for p in vert if at(0, p) >= at(1, p)]
+        discs = [p for p in discs if at(1, p) >= at(0, p)]
         warnings: list[str] = []
         if not anchors:
             why = ("no lumbosacral junction (L5-S1) found in the field of view: levels are named from "
@@ -584,12 +588,22 @@ class LevelLocalizer:
             return LocalizationResult(reason=why)
         anchor = anchors[0]
         chain = chain_from_sacrum(anchor, vert, px)
+        trust = min(1.0, anchor.value)
+        if len(chain.peaks) < 2:
+            # the strongest junction candidate has no spine above it: try the others, but say so
+            for alt in anchors[1:]:
+                alt_chain = chain_from_sacrum(alt, vert, px)
+                if len(alt_chain.peaks) >= 2:
+                    anchor, chain = alt, alt_chain
+                    trust = min(0.4, alt.value)
+                    warnings.append("the strongest L5-S1 candidate had no vertebrae above it; "
+                                    "a weaker one was used and level names are uncertain")
+                    break
         if len(chain.peaks) < 2:
             return LocalizationResult(
                 reason=f"only {len(chain.peaks)} vertebral body found above the sacrum; too few to name levels"
             )
-        trust = min(1.0, anchor.value)
-        rivals = [a for a in anchors[1:] if a.value >= 0.5 * anchor.value
+        rivals = [a for a in anchors if a is not anchor and a.value >= 0.5 * anchor.value
                   and np.linalg.norm(a.xy(px) - anchor.xy(px)) > 15.0]
         if rivals:
             trust = min(trust, 0.4)
