@@ -124,6 +124,8 @@ class Orthanc:
         return path
 
     def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return  # already running
         need("Orthanc")
         if not (ORTHANC_PLUGINS / "libOrthancDicomWeb.so").exists():
             pytest.skip("the Orthanc DICOMweb plugin (orthanc-dicomweb) is not installed")

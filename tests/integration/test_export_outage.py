@@ -12,14 +12,21 @@ from tests.integration.studies import demo_study, discus_objects
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_result_arrives_after_orthanc_comes_back(tmp_path: Path, orthanc, discus) -> None:
-    d = discus(orthanc, export_deadline=120.0, export_backoff_base=0.5, export_backoff_max=2.0)
+def _send_while_pacs_down(tmp_path: Path, orthanc, discus, seed: int, **settings):
+    """Listener and worker up, Orthanc stopped, a study sent: (discus, study UID)."""
+    d = discus(orthanc, export_backoff_base=0.5, **settings)
     d.start_listener()
     d.start_worker()
-    study_uid, files = demo_study(tmp_path / "study", "MR", seed=31)
+    study_uid, files = demo_study(tmp_path / "study", "MR", seed=seed)
     orthanc.stop()
+    assert storescu(d.port, files).returncode == 0
+    return d, study_uid
+
+
+def test_result_arrives_after_orthanc_comes_back(tmp_path: Path, orthanc, discus) -> None:
     try:
-        assert storescu(d.port, files).returncode == 0
+        d, study_uid = _send_while_pacs_down(tmp_path, orthanc, discus, 31,
+                                             export_deadline=120.0, export_backoff_max=2.0)
         idx = d.index()
         wait_for(lambda: idx.job(study_uid, 1).get("state") == "exporting", 180,
                  "the analysis to finish")
@@ -35,13 +42,9 @@ def test_result_arrives_after_orthanc_comes_back(tmp_path: Path, orthanc, discus
 
 
 def test_past_deadline_dead_letter_then_replay_delivers(tmp_path: Path, orthanc, discus) -> None:
-    d = discus(orthanc, export_deadline=3.0, export_backoff_base=0.5, export_backoff_max=1.0)
-    d.start_listener()
-    d.start_worker()
-    study_uid, files = demo_study(tmp_path / "study", "MR", seed=32)
-    orthanc.stop()
     try:
-        assert storescu(d.port, files).returncode == 0
+        d, study_uid = _send_while_pacs_down(tmp_path, orthanc, discus, 32,
+                                             export_deadline=3.0, export_backoff_max=1.0)
         idx = d.index()
         job = wait_for(lambda: (j := idx.job(study_uid, 1)).get("state") == "export_failed"
                        and int(j.get("exports_dead", 0)) == int(j["exports_expected"]) and j,
