@@ -427,9 +427,12 @@ def doctor() -> None:
     try:
         from models.package import installed_packages
 
+        from worker.model_packages import TASKS
+
         pk = installed_packages([str(p) for p in s.model_dirs] or None)
-        report(True, "model packages", ", ".join(f"{c.task}:{c.name}" for c in pk)
-               or "none installed; analyses will be reported as not run")
+        missing = [t for t in TASKS if t not in {c.task for c in pk}]
+        report(True, "model packages", (", ".join(f"{c.task}:{c.name}" for c in pk) or "none")
+               + (f"; not installed (reported as not run): {', '.join(missing)}" if missing else ""))
     except Exception as exc:
         report(False, "model packages", f"{type(exc).__name__}: {exc}")
     if problems:
