@@ -67,6 +67,7 @@ def save_package(model: nn.Module, config: ModelConfig, directory: str | Path, f
         state[k] = v.contiguous().clone()
     weights = out / config.weights
     save_file(state, str(weights), metadata={"architecture": config.architecture, "task": config.task})
+    weights.chmod(0o644)  # packages are read by the worker's service user
     data = config.to_dict()
     data["sha256"] = sha256_file(weights)
     final = ModelConfig.from_dict(data)

@@ -80,17 +80,19 @@ def render_markdown(card: dict[str, Any]) -> str:
         "## Training",
         "",
         f"- Data: {json.dumps(t.get('data', {}))}",
-        f"- Strategy: {t.get('strategy')}; {t.get('folds')} fold(s) stratified by label, grouped by patient; "
+        f"- Strategy: {t.get('strategy')}; {t.get('folds')} fold(s) stratified by label, grouped by patient "
+        f"(exported: fold {t.get('exported_fold')}, lowest validation loss); "
         f"seed {t.get('seed')}; up to {t.get('epochs')} epochs (best epoch per fold: {t.get('best_epochs')})",
         f"- Optimiser: Adam lr {t.get('lr')}, ReduceLROnPlateau, early stopping, class weighting "
         f"{t.get('class_weighting')}; augmentation {t.get('augmentation')}",
         f"- Training time: {t.get('train_seconds', 'n/a')} s on {t.get('device', 'n/a')}",
         "",
-        "## Cross-validation (mean ± sd over folds)",
+        "## Cross-validation (mean ± sd over folds)" if t.get("folds", 1) > 1 else
+        "## Validation (one 80:20 split grouped by patient, no cross-validation)",
         "",
     ]
     for k, v in t.get("cv_summary", {}).items():
-        lines.append(f"- {k}: {v['mean']:.3f} ± {v['sd']:.3f}")
+        lines.append(f"- {k}: {v['mean']:.3f} ± {v['sd']:.3f}" if t.get("folds", 1) > 1 else f"- {k}: {v['mean']:.3f}")
     held = card.get("evaluation", {}).get("holdout")
     lines += ["", "## Held-out evaluation", ""]
     if held:
@@ -123,3 +125,12 @@ def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def refresh_card(directory: str | Path) -> Path:
+    """Rewrite ``MODEL_CARD.md`` from the package's ``model_card.json`` (after a wording change)."""
+    out = Path(directory)
+    card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
+    md = out / "MODEL_CARD.md"
+    md.write_text(render_markdown(card), encoding="utf-8")
+    return md

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from training.synthetic import DEFAULT_CACHE
 from training.tasks import TASKS
 
 train_app = typer.Typer(help="Train a classifier (cross-validated) and export its model package.",
@@ -38,13 +39,16 @@ class Source(str, Enum):
     manifest = "manifest"
 
 
-def _load(task: str, source: Source, data: Path | None, seeds: int, seed_start: int, cache: Path, workers: int):
+def _load(task: str, source: Source, data: Path | None, seeds: int, seed_start: int, cache: Path, workers: int,
+          crop_px: int | None = None):
     from training.datasets import CropSet
 
     if source is Source.synthetic:
         from training.synthetic import cached_synthetic_crops
 
-        return cached_synthetic_crops(cache, [task], range(seed_start, seed_start + seeds), workers=workers)[task]
+        px = {"crop_px": {task: crop_px}} if crop_px else {}
+        return cached_synthetic_crops(cache, [task], range(seed_start, seed_start + seeds), workers=workers,
+                                      **px)[task]
     if data is None:
         raise typer.BadParameter(f"--data is required with --source {source.value}")
     if data.suffix == ".npz":
@@ -52,10 +56,10 @@ def _load(task: str, source: Source, data: Path | None, seeds: int, seed_start: 
     if source is Source.rsna:
         from training.sources import load_rsna
 
-        return load_rsna(data, task)
+        return load_rsna(data, task, crop_px)
     from training.sources import load_manifest
 
-    return load_manifest(data, task)
+    return load_manifest(data, task, crop_px)
 
 
 def _train_command(task: str) -> Callable[..., None]:
@@ -69,6 +73,8 @@ def _train_command(task: str) -> Callable[..., None]:
         out: Path = typer.Option(None, help="Package directory (default var/packages/<task>)."),
         arch: str = typer.Option(DEFAULT_ARCH[task], help="Registered architecture."),
         small: bool = typer.Option(False, help="Use the architecture's reduced configuration."),
+        crop_px: int = typer.Option(None, min=8, help="Crop side in pixels, also the network input (default "
+                                    f"{TASKS[task].crop_px}; paper A and C used 224)."),
         folds: int = typer.Option(5, min=1, help="Stratified folds grouped by patient (1: one 80:20 split)."),
         epochs: int = typer.Option(30, min=1),
         batch_size: int = typer.Option(32, min=2),
@@ -84,18 +90,18 @@ def _train_command(task: str) -> Callable[..., None]:
         version: str = typer.Option("0.1.0"),
         fp16: bool = typer.Option(True, help="Store weights in half precision."),
         resume: bool = typer.Option(False, help="Continue interrupted folds from their checkpoints."),
-        cache: Path = typer.Option(Path("var/synthetic"), help="Cache of synthetic crop sets."),
+        cache: Path = typer.Option(DEFAULT_CACHE, help="Cache of synthetic crop sets."),
         workers: int = typer.Option(1, min=1, help="Processes rendering synthetic studies."),
     ) -> None:
         from training.loop import TrainSettings
         from training.trainer import train_task
 
-        crops = _load(task, source, data, seeds, 0, cache, workers)
+        crops = _load(task, source, data, seeds, 0, cache, workers, crop_px)
         held = None
         if holdout is not None:
-            held = _load(task, source, holdout, 0, 0, cache, workers)
+            held = _load(task, source, holdout, 0, 0, cache, workers, crop_px)
         elif source is Source.synthetic and holdout_seeds:
-            held = _load(task, source, None, holdout_seeds, HOLDOUT_SEED, cache, workers)
+            held = _load(task, source, None, holdout_seeds, HOLDOUT_SEED, cache, workers, crop_px)
         settings = TrainSettings(
             epochs=epochs, batch_size=batch_size, lr=lr or DEFAULT_LR.get(arch, 1e-3), patience=patience,
             strategy=strategy, init=str(init) if init else None, augmentation=augmentation,
@@ -120,7 +126,7 @@ def _evaluate_command(task: str) -> Callable[..., None]:
         seed_start: int = typer.Option(HOLDOUT_SEED, help="Synthetic: first seed."),
         out: Path = typer.Option(Path("var/evaluation") / task, help="Report folder."),
         device: str = typer.Option(None),
-        cache: Path = typer.Option(Path("var/synthetic")),
+        cache: Path = typer.Option(DEFAULT_CACHE, help="Cache of synthetic crop sets."),
         workers: int = typer.Option(1, min=1),
     ) -> None:
         from models.package import find_package

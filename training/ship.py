@@ -17,13 +17,13 @@ from typing import Any
 from models.package import SHIPPED_DIR
 from training.datasets import CropSet
 from training.loop import TrainSettings
-from training.synthetic import cached_synthetic_crops
+from training.synthetic import DEFAULT_CACHE, cached_synthetic_crops
 from training.tasks import TASKS, task_spec
 from training.trainer import train_task
 
 #: Fresh studies for the held-out metrics (never used for training).
 HOLDOUT_RANGE = (100_000, 100_100)
-CACHE = Path("var/synthetic")
+CACHE = DEFAULT_CACHE
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ RECIPES: dict[str, Recipe] = {
     "mr_canal": Recipe("attention_cnn_lss", _MR),
     "mr_foramen": Recipe("attention_cnn_lss", _MR),
     "mr_subarticular": Recipe("attention_cnn_lss", _MR),
-    "ct_disc": Recipe("vit_ldh", ((0, 200),), epochs=25, lr=3e-4),
-    "ct_level": Recipe("vit_ldh", ((0, 200),), epochs=25, lr=3e-4),
+    "ct_disc": Recipe("vit_ldh", ((0, 150),), epochs=25, lr=3e-4),
+    "ct_level": Recipe("vit_ldh", ((0, 150),), epochs=25, lr=3e-4),
     "xray": Recipe("resnet50", ((0, 300),), epochs=20, batch_size=16),
 }
 

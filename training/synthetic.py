@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,6 +37,8 @@ MODALITY_TASKS: dict[str, tuple[str, ...]] = {
     "CT": ("ct_disc", "ct_level"),
     "DX": ("xray",),
 }
+#: Default cache of rendered crop sets (outside the runtime folder, which demos reset).
+DEFAULT_CACHE = Path(os.environ.get("DISCUS_CACHE", Path.home() / ".cache" / "discus")) / "synthetic"
 #: Crop spec of the CT level task (paper A: the axial image at the disc, same field as ct_disc).
 CT_LEVEL_SPEC = CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size_mm)
 

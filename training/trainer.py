@@ -30,8 +30,8 @@ from training.tasks import task_spec
 
 #: Where an architecture's small configuration is explained in the card.
 SMALL_NOTE = (
-    "a reduced configuration of the architecture ({kwargs}) is shipped for the demo; the published "
-    "configuration is the default `discus train` uses for sites"
+    "a reduced configuration of the architecture ({kwargs}) is shipped for the demo; the full "
+    "configuration (for vit_ldh the published one of paper A) is the default `discus train` uses for sites"
 )
 
 
