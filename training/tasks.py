@@ -49,7 +49,8 @@ TASKS: dict[str, TaskSpec] = {
     "ct_level": TaskSpec("ct_level", ("L3-L4", "L4-L5", "L5-S1"), "CT", 96, _CT, "paper_a",
                          "which disc level an axial CT image shows (paper A)"),
     "xray": TaskSpec("xray", GRADES[ConditionValues.SPINE_XRAY], "DX", 128, _DX, "paper_c",
-                     "whole lumbar radiograph: normal, scoliosis, spondylolisthesis (paper C)"),
+                     "whole lumbar radiograph: normal, scoliosis, spondylolisthesis (paper C); "
+                     "labelled per view: scoliosis on AP, spondylolisthesis on lateral"),
 }
 
 
