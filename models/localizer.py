@@ -427,6 +427,28 @@ def chain_from_sacrum(
     return Chain(anchor, tuple(chain), tuple(names[: len(chain)]))
 
 
+def regular_prefix(chain: Chain, pixel_mm: float = PIXEL_MM, low: float = 0.6, high: float = 1.6,
+                   min_step_mm: float = 22.0) -> Chain:
+    """Keep the chain from the sacrum up to the first irregular step.
+
+    A step shorter than ``low`` or longer than ``high`` times the median step, or
+    shorter than ``min_step_mm`` (less than an adult vertebral height plus disc), is
+    not the next vertebra of a normal column (a stray peak, a missed body); the
+    levels beyond it are dropped rather than named on doubtful ground.
+    """
+    pts = [chain.anchor.xy(pixel_mm)] + [p.xy(pixel_mm) for p in chain.peaks]
+    steps = [float(np.linalg.norm(b - a)) for a, b in zip(pts[1:-1], pts[2:])]  # body to body
+    if not steps:
+        return chain
+    med = float(np.median(steps))
+    keep = len(chain.peaks)
+    for i, st in enumerate(steps):
+        if not low * med <= st <= high * med or st < min_step_mm:
+            keep = i + 1
+            break
+    return Chain(chain.anchor, chain.peaks[:keep], chain.names[:keep])
+
+
 def derive_s1(anchor_mm: np.ndarray, l5_mm: np.ndarray, factor: float = 0.9) -> np.ndarray:
     """S1 body centre estimated from the L5-S1 disc point and the L5 centre.
 
@@ -599,9 +621,11 @@ class LevelLocalizer:
                     warnings.append("the strongest L5-S1 candidate had no vertebrae above it; "
                                     "a weaker one was used and level names are uncertain")
                     break
+        chain = regular_prefix(chain, px)
         if len(chain.peaks) < 2:
             return LocalizationResult(
-                reason=f"only {len(chain.peaks)} vertebral body found above the sacrum; too few to name levels"
+                reason=f"only {len(chain.peaks)} vertebral body found above the sacrum in a regular column; "
+                       "too few to name levels"
             )
         rivals = [a for a in anchors if a is not anchor and a.value >= 0.5 * anchor.value
                   and np.linalg.norm(a.xy(px) - anchor.xy(px)) > 15.0]

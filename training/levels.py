@@ -317,15 +317,17 @@ def train_model(
     log: Any = None,
     checkpoint: Any = None,
     checkpoint_every: int = 0,
+    init: LevelNet | None = None,
 ) -> LevelNet:
     """Train a :class:`LevelNet` for ``steps`` steps (AdamW, one-cycle schedule).
 
     ``checkpoint(step, net)`` is called every ``checkpoint_every`` steps (when both are set),
-    so a long run leaves usable intermediate models.
+    so a long run leaves usable intermediate models. ``init`` continues training a network
+    (fine-tuning) instead of starting from random weights.
     """
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    net = LevelNet(widths=widths)
+    net = init.train() if init is not None else LevelNet(widths=widths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     ds = LevelSamples(cases, length=steps * batch_size, seed=seed)
@@ -553,7 +555,7 @@ def write_report(cases: Sequence[LevelCase], scores: Sequence[CaseScore], out_di
 
 
 def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], metrics: dict[str, Any],
-                 version: str = "1.0.0") -> Path:
+                 version: str = "1.0.0", anchor_threshold: float = 0.3) -> Path:
     """Write ``config.json`` + fp16 ``model.safetensors`` (+ its sha256) to ``out_dir``."""
     import hashlib
 
@@ -575,7 +577,7 @@ def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], m
         "preprocessing": {"pixel_mm": PIXEL_MM, "grid_shape": list(GRID_SHAPE), "slab_mm": SLAB_MM,
                           "normalise": "1st-99.5th percentile of non-zero pixels to 0-1",
                           "channels": "image with its two neighbouring slices"},
-        "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": 0.3},
+        "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": anchor_threshold},
         "model_kwargs": {"widths": list(net.widths)},
         "training": training,
         "metrics": metrics,
@@ -745,6 +747,12 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None) -> Path
         lines += [
             "## Measured: " + str(cv.get("evaluation") or f"case-grouped {tr.get('folds')}-fold "
                                   f"cross-validation ({tr.get('cv_steps')} steps per fold)"),
+            "",
+            ("**Status: meets the targets** (identification >= 98%, mean error <= 3 mm, no shifted study)."
+             if (cv.get("id_rate") or 0) >= 0.98 and (cv.get("mean_error_mm") or 99) <= 3.0
+             and not cv.get("studies_mislabelled") else
+             "**Status: does NOT meet the targets** (identification >= 98%, mean error <= 3 mm, no shifted "
+             "study). Use its levels only with a person checking them; the confidences are low for that reason."),
             "",
             "| metric | value |",
             "|---|---|",
