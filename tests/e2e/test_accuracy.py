@@ -173,8 +173,9 @@ def test_synthetic_studies_match_ground_truth(tmp_path: Path, orthanc, discus, p
             levels_truth += len(truth["findings"])
             levels_seen += len(reported & set(truth["findings"]))
     print(f"\ndisc levels with findings in the SR: {levels_seen}/{levels_truth}")
-    assert levels_seen >= 0.8 * levels_truth
     failures = _compare(pairs, packages)
+    if levels_seen < 0.8 * levels_truth:
+        failures.append(f"only {levels_seen}/{levels_truth} disc levels have findings in the SR")
     disc_id = _localizer_disc_id_rate(packages)
     if failures and disc_id is not None and disc_id < LOCALIZER_TARGET:
         # Findings read at misplaced levels cannot match the classifiers' cards; say why, loudly.
