@@ -692,7 +692,7 @@ def default_package() -> Path:
     return Path(__file__).resolve().parents[1] / "models" / "packages" / "levels"
 
 
-def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None) -> Path:
+def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None, notes: Sequence[str] = ()) -> Path:
     """``MODEL_CARD.md`` of a levels package from its config and the cross-validation report."""
     pkg = Path(package_dir)
     cfg = json.loads((pkg / "config.json").read_text())
@@ -774,7 +774,7 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None) -> Path
         for k, v in cv["per_level"].items():
             lines.append(f"| {k} | {v['n']} | {pct(v['id_rate'])} | {mm(v['mean_error_mm'])} | "
                          f"{mm(v['p95_error_mm'])} |")
-        lines += ["", "Failure cases in cross-validation:", ""]
+        lines += ["", "Failure cases of this evaluation:", ""]
         for name, what in cv.get("mislabelled", {}).items():
             lines.append(f"- {name}: mislabelled {', '.join(what)}")
         for name, what in cv.get("missed", {}).items():
@@ -782,6 +782,8 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None) -> Path
         for name, why in cv.get("no_result", {}).items():
             lines.append(f"- {name}: no result ({why})")
         lines.append("")
+    if notes:
+        lines += ["## Observed on the evaluation", ""] + [f"- {n}" for n in notes] + [""]
     lines += [
         "## Limits",
         "- Trained on two datasets of healthy adults; not measured on pathology (listhesis, scoliosis",

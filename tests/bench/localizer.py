@@ -64,7 +64,7 @@ def main(args: list[str] | None = None) -> None:
             scores.append(score_case(c, res, sec))
         m = summarise(scores, cases)
         print(f"real 1 mm volumes: {_stats(times)}; id_rate {m['id_rate']:.3f}, "
-              f"mean error {m['mean_error_mm']:.2f} mm (training data: not a held-out figure)")
+              f"mean error {m['mean_error_mm']:.2f} mm (a mix of training and held-out cases: not a validation figure)")
     elif ns.real:
         print(f"real volumes skipped: {DATA.resolve()} not found")
 
