@@ -642,7 +642,7 @@ def cross_validate(
 
 def train_levels(
     data_dir: str | Path, package_dir: str | Path, out_dir: str | Path | None = None, folds: int = 5,
-    steps: int = 400, cv_steps: int | None = 240, seed: int = 0, log: Any = print,
+    steps: int = 1000, cv_steps: int | None = None, seed: int = 0, log: Any = print,
 ) -> Path:
     """Cross-validate (when ``folds`` > 1 and ``out_dir`` given), then train on all cases and ship.
 

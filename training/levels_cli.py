@@ -23,8 +23,8 @@ def train(
     package_dir: Path = typer.Option(None, help="Where the trained package goes (default: the shipped one)."),
     out: Path = typer.Option(Path("var/levels/cv"), help="Cross-validation report folder."),
     folds: int = typer.Option(5, min=1, help="Case-grouped folds; 1 trains the final model only."),
-    steps: int = typer.Option(400, min=1, help="Optimiser steps of the shipped model."),
-    cv_steps: int = typer.Option(240, min=1, help="Optimiser steps of each fold's model."),
+    steps: int = typer.Option(1000, min=1, help="Optimiser steps of the shipped model."),
+    cv_steps: int = typer.Option(1000, min=1, help="Optimiser steps of each fold's model."),
     seed: int = typer.Option(0),
 ) -> None:
     """Cross-validate on the data, then train on all of it and write the model package."""
