@@ -83,6 +83,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- Strategy: {t.get('strategy')}; {t.get('folds')} fold(s) stratified by label, grouped by patient "
         f"(exported: fold {t.get('exported_fold')}, lowest validation loss); "
         f"seed {t.get('seed')}; up to {t.get('epochs')} epochs (best epoch per fold: {t.get('best_epochs')})",
+        *([f"- Started from: {t['init']}"] if t.get("init") else []),
         f"- Optimiser: Adam lr {t.get('lr')}, ReduceLROnPlateau, early stopping, class weighting "
         f"{t.get('class_weighting')}; augmentation {t.get('augmentation')}",
         f"- Training time: {t.get('train_seconds', 'n/a')} s on {t.get('device', 'n/a')}",
