@@ -237,6 +237,12 @@ def test_synthetic_accuracy_with_true_levels(tmp_path: Path, packages) -> None:
                 side = f.laterality.value if f.laterality else None
                 pairs[(modality, f.condition)].append(
                     (truth["findings"][f.level][TRUTH_KEY[(f.condition, side)]], f.grade))
+    for seed in DX_SEEDS:  # radiographs have no levels: the shipped packages as they are
+        folder = tmp_path / f"DX-{seed}"
+        truth = json.loads(Path(write_demo_study(folder, "DX", seed=seed)).read_text())
+        for f in analyze_study(folder, 1, packages=packages).findings:
+            label = _xray_truth(truth["xray"], folder, {"sop_instance_uid": f.image.sop_instance_uid})
+            pairs[("DX", f.condition)].append((label, f.grade))
     failures = _compare(pairs, packages)
     assert not failures, failures
 
