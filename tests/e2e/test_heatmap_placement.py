@@ -39,14 +39,14 @@ def _geometry(folder: Path, sop_uid: str) -> tuple[np.ndarray, np.ndarray, np.nd
 LOCALIZER_TARGET = 0.98
 
 
-# Measured (seeds 7, 8, true levels): the shipped mr_disc grades the L4-L5 herniation correctly
+# Measured (seeds 7 and 8, true levels): the shipped mr_disc grades the L4-L5 herniation correctly
 # (p 0.96) but its Grad-CAM peaks 8-31 mm right of the disc centre, and the phantom's "left"
 # herniation differs from a normal disc mostly at the midline (difference centre < 1 mm left).
 # The pipeline's inverse map itself is checked with lesion-tracking maps in test_pipeline_analysis.
 @pytest.mark.xfail(reason="shipped mr_disc Grad-CAM peaks off the phantom's left herniation (measured)",
                    strict=False)
 @pytest.mark.parametrize("levels", ["true levels", "shipped localizer"])
-@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize("seed", [7])
 def test_left_herniation_heatmap_on_left_half_of_the_disc(seed: int, levels: str, tmp_path: Path) -> None:
     from types import SimpleNamespace
 
