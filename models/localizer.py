@@ -689,17 +689,19 @@ class LevelLocalizer:
                           float(np.clip(conf, 0.0, 1.0)))
 
     def _slice_of(self, maps: _Maps, row: float, col: float, channel: int) -> float:
-        """Working-stack slice position of a point: heatmap maximum across images, parabola-refined."""
+        """Working-stack slice position of a point: centroid of the heatmap's upper half across images.
+
+        A vertebral body is several images wide and the maps answer on all of them with
+        nearly the same height, so the arg-maximum jumps from side to side; the centroid of
+        the part above half the maximum is the body's (or disc's) middle.
+        """
         r = int(np.clip(round(row), 0, maps.heat.shape[2] - 1))
         q = int(np.clip(round(col), 0, maps.heat.shape[3] - 1))
         if channel < 0:
             prof = maps.heat[:, 0, r, q] + maps.heat[:, 1, r, q]
         else:
             prof = maps.heat[:, channel, r, q]
-        k = int(np.argmax(prof))
-        off = 0.0
-        if 0 < k < len(prof) - 1:
-            den = prof[k - 1] - 2 * prof[k] + prof[k + 1]
-            if den < 0:
-                off = float(np.clip(0.5 * (prof[k - 1] - prof[k + 1]) / den, -0.5, 0.5))
-        return float(maps.candidates[k] + off)
+        w = np.clip(prof - 0.5 * float(prof.max()), 0.0, None)
+        if float(w.sum()) <= 0.0:
+            return float(maps.candidates[int(np.argmax(prof))])
+        return float(np.dot(w, np.asarray(maps.candidates, float)) / float(w.sum()))

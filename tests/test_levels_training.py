@@ -191,3 +191,22 @@ def test_evaluate_command_writes_metrics_plots_and_overlays(tmp_path: Path) -> N
     assert metrics["n_studies"] == 1
     assert (out / "error_per_level.png").stat().st_size > 1000
     assert (out / "overlays" / f"{case.name}.png").is_file()
+
+
+def test_phantom_slabs_put_targets_on_the_rendered_levels() -> None:
+    from training.levels import CHANNELS, make_phantom_sample, render_phantom_slabs
+
+    slab = render_phantom_slabs([3], contrasts=("T2",))[0]
+    assert slab.images.shape[0] == 5 and np.isfinite(slab.images).all()
+    n_vert = sum(1 for ch, *_ in slab.points if ch == 0)
+    n_disc = sum(1 for ch, *_ in slab.points if ch == 1)
+    # bodies from the top level (T10-L1) to L5, S1 derived and not a target; one disc below each body
+    assert 5 <= n_vert <= 8 and n_disc == n_vert
+    assert sum(1 for ch, *_ in slab.points if ch == CHANNELS.index("lumbosacral")) == 1
+    x, y, m = make_phantom_sample(slab, np.random.default_rng(0), augment=False)
+    assert x.shape == (3,) + TRAIN_SHAPE and y.shape == (len(CHANNELS),) + TRAIN_SHAPE
+    # every visible target is a peak of height ~1 on the centre image, and the maps keep bodies and
+    # discs apart: no disc target where a body target peaks
+    assert y[0].max() > 0.9 and y[1].max() > 0.9
+    r, q = np.unravel_index(np.argmax(y[0]), y[0].shape)
+    assert y[1][r, q] < 0.05

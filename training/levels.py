@@ -41,8 +41,12 @@ from models.localizer import (
 
 #: Training crop of the canonical grid (rows, columns); the network is fully convolutional.
 TRAIN_SHAPE: tuple[int, int] = (96, 80)
-#: In-plane Gaussian width of the heatmap targets (grid pixels).
-SIGMA_PX = 2.0
+#: In-plane Gaussian width of the heatmap targets (grid pixels). A body centre and its
+#: neighbouring disc lie about 6 pixels apart on the 3 mm grid: with 1.5 px the two
+#: targets overlap below 0.01 of their height, so the maps do not merge into one ridge.
+SIGMA_PX = 1.5
+#: Share of training samples drawn from synthetic phantom series (the product's own demo data).
+PHANTOM_FRACTION = 0.3
 #: Left-right fall-off of target heights (mm): the network learns to peak on the mid-plane.
 SIGMA_LR_MM = 6.0
 #: Identification radius (mm) of the metrics.
@@ -269,13 +273,93 @@ def make_sample(
     return x.astype(np.float32), y, mask
 
 
-class LevelSamples(torch.utils.data.Dataset):
-    """Random training samples from cases (``length`` draws per epoch)."""
+@dataclass
+class PhantomSlab:
+    """Five neighbouring images of a rendered phantom series on the canonical grid.
 
-    def __init__(self, cases: Sequence[LevelCase], length: int, seed: int = 0, augment: bool = True) -> None:
+    ``images`` is ``[5, H, W]`` (``GRID_SHAPE``, normalised); ``points`` holds
+    ``(channel, row, column, slice)`` grid coordinates of every target point
+    (slice relative to ``images``); ``slab_mm`` is the slice spacing.
+    """
+
+    name: str
+    images: np.ndarray
+    points: list[tuple[int, float, float, float]]
+    slab_mm: float
+
+
+def render_phantom_slabs(seeds: Sequence[int], contrasts: Sequence[str] = ("T2", "T1")) -> list[PhantomSlab]:
+    """Render sagittal phantom series and keep the five images around the spine's mid-plane.
+
+    Each seed gets its own anatomy (random top level and findings) and, per contrast,
+    a random slice thickness and pixel size, through the localizer's own preprocessing.
+    """
+    from dicom_io import phantom
+    from models.localizer import reslab
+
+    out: list[PhantomSlab] = []
+    for seed in seeds:
+        rng = np.random.default_rng([7919, int(seed)])
+        top = str(rng.choice(["T10", "T11", "T12", "L1"]))
+        anat = phantom.make_anatomy(int(seed), phantom.random_findings(rng), top=top)
+        levels = phantom.ground_truth(anat)["levels"]
+        for contrast in contrasts:
+            ser = phantom.render_mr(anat, contrast, "sagittal", slice_thickness=float(rng.choice([3.0, 4.0, 5.0])),
+                                    pixel_mm=float(rng.uniform(0.6, 1.2)))
+            arr, aff, _ = reslab(ser.array, ser.affine, SLAB_MM)
+            grid = SagittalGrid.for_stack(arr.shape, aff)
+            names = [n for n in levels if n != "S1"]
+            pix = grid.patient_to_pixel(np.array([levels[n] for n in names], float))
+            mid = int(np.clip(round(float(np.median(pix[:, 2]))), 0, arr.shape[0] - 1))
+            idx = [int(np.clip(mid + d, 0, arr.shape[0] - 1)) for d in (-2, -1, 0, 1, 2)]
+            imgs = normalise(resample_slices(arr, aff, grid, idx))
+            pts: list[tuple[int, float, float, float]] = []
+            for n, (r, q, sl) in zip(names, pix):
+                ch = 0 if n in VERTEBRAE else 1
+                pts.append((ch, float(r), float(q), float(sl - (mid - 2))))
+                if n == "L5-S1":
+                    pts.append((2, float(r), float(q), float(sl - (mid - 2))))
+            out.append(PhantomSlab(f"phantom-{seed}-{contrast}", imgs.astype(np.float32), pts,
+                                   float(np.linalg.norm(aff[:3, 2]))))
+    return out
+
+
+def make_phantom_sample(slab: PhantomSlab, rng: np.random.Generator, shape: tuple[int, int] = TRAIN_SHAPE,
+                        augment: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training image from a cached phantom slab: input, target and mask as :func:`make_sample`."""
+    c = int(rng.integers(1, 4)) if augment else 2
+    x = slab.images[[c - 1, c, c + 1]].copy()
+    h, w = x.shape[-2:]
+    r0 = int(rng.integers(0, h - shape[0] + 1)) if augment else (h - shape[0]) // 2
+    q0 = int(rng.integers(0, w - shape[1] + 1)) if augment else (w - shape[1]) // 2
+    x = x[:, r0:r0 + shape[0], q0:q0 + shape[1]]
+    valid = x > 0
+    if augment:
+        x = augment_intensity(x, valid, rng)
+        if rng.random() < 0.5:
+            x = x[::-1].copy()
+    groups: list[list[tuple[float, float, float]]] = [[], [], []]
+    for ch, r, q, sl in slab.points:
+        amp = math.exp(-(((sl - c) * slab.slab_mm) ** 2) / (2 * SIGMA_LR_MM ** 2))
+        groups[ch].append((r - r0, q - q0, amp))
+    y = np.stack([_gaussians(shape, g, SIGMA_PX) for g in groups])
+    return np.ascontiguousarray(x, dtype=np.float32), y, np.ones_like(y)
+
+
+class LevelSamples(torch.utils.data.Dataset):
+    """Random training samples from cases (``length`` draws per epoch).
+
+    With ``phantoms``, a share ``phantom_fraction`` of the samples comes from them.
+    """
+
+    def __init__(self, cases: Sequence[LevelCase], length: int, seed: int = 0, augment: bool = True,
+                 phantoms: Sequence[PhantomSlab] = (), phantom_fraction: float = PHANTOM_FRACTION) -> None:
         if not cases:
             raise ValueError("cases: need at least one case")
+        if not 0.0 <= phantom_fraction <= 1.0:
+            raise ValueError(f"phantom_fraction: must be in [0, 1], got {phantom_fraction!r}")
         self.cases, self.length, self.seed, self.augment = list(cases), int(length), int(seed), augment
+        self.phantoms, self.phantom_fraction = list(phantoms), float(phantom_fraction)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -283,8 +367,12 @@ class LevelSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, idx])
-        case = self.cases[int(rng.integers(len(self.cases)))]
-        x, y, m = make_sample(case, rng, augment=self.augment)
+        if self.phantoms and rng.random() < self.phantom_fraction:
+            slab = self.phantoms[int(rng.integers(len(self.phantoms)))]
+            x, y, m = make_phantom_sample(slab, rng, augment=self.augment)
+        else:
+            case = self.cases[int(rng.integers(len(self.cases)))]
+            x, y, m = make_sample(case, rng, augment=self.augment)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
 
 
@@ -300,7 +388,7 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     """
     p = pred.clamp(1e-4, 1 - 1e-4)
     bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
-    w = mask * (1.0 + 4.0 * target)
+    w = mask * (1.0 + 9.0 * target)
     w = w * torch.tensor([1.0, 1.0, 2.0], device=pred.device)[None, :, None, None]
     return (w * bce).sum() / w.sum().clamp_min(1.0)
 
@@ -318,6 +406,7 @@ def train_model(
     checkpoint: Any = None,
     checkpoint_every: int = 0,
     init: LevelNet | None = None,
+    phantoms: Sequence[PhantomSlab] = (),
 ) -> LevelNet:
     """Train a :class:`LevelNet` for ``steps`` steps (AdamW, one-cycle schedule).
 
@@ -330,7 +419,7 @@ def train_model(
     net = init.train() if init is not None else LevelNet(widths=widths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    ds = LevelSamples(cases, length=steps * batch_size, seed=seed)
+    ds = LevelSamples(cases, length=steps * batch_size, seed=seed, phantoms=phantoms)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False)
     net.train()
@@ -375,8 +464,14 @@ def score_case(case: LevelCase, result: LocalizationResult, seconds: float = 0.0
     to_mm = lambda vox: ras_to_lps(affine[:3, :3] @ vox + affine[:3, 3])  # noqa: E731
     truth = {n: to_mm(v) for n, v in case.vertebrae.items()}
     truth.update({n: to_mm(v) for n, v in case.discs.items()})
+    return score_points(case.name, truth, result, seconds)
+
+
+def score_points(name: str, truth: dict[str, np.ndarray], result: LocalizationResult,
+                 seconds: float = 0.0) -> CaseScore:
+    """Compare a localization with labelled level points (patient LPS mm, keyed by level name)."""
     pred = {p.name: np.asarray(p.point_mm) for p in result.points}
-    sc = CaseScore(case.name, reason=result.reason, warnings=list(result.warnings),
+    sc = CaseScore(name, reason=result.reason, warnings=list(result.warnings),
                    predicted={k: v.round(2).tolist() for k, v in pred.items()}, seconds=seconds)
     for kind in (VERTEBRAE, DISCS):
         labelled = {n: p for n, p in truth.items() if n in kind}
@@ -605,6 +700,7 @@ def case_folds(cases: Sequence[LevelCase], folds: int = 5, seed: int = 0) -> lis
 def cross_validate(
     data_dir: str | Path, out_dir: str | Path, folds: int = 5, steps: int = 240, seed: int = 0,
     log: Any = print, only_folds: Sequence[int] | None = None, reuse: bool = False,
+    phantoms: Sequence[PhantomSlab] = (),
 ) -> dict[str, Any]:
     """Case-grouped k-fold CV: train on k-1 folds, localize the held-out cases, report all.
 
@@ -625,7 +721,7 @@ def cross_validate(
             loc = LevelLocalizer.from_package(fold_pkg)
         else:
             log(f"fold {f + 1}/{folds}: train {len(train)} cases, test {len(held)}")
-            net = train_model(train, steps=steps, seed=seed + f, log=log)
+            net = train_model(train, steps=steps, seed=seed + f, log=log, phantoms=phantoms)
             save_package(net, fold_pkg, {"fold": f, "held_out": held, "steps": steps}, {})
             loc = LevelLocalizer.from_package(fold_pkg)
         for c in cases:
@@ -643,6 +739,7 @@ def cross_validate(
 def train_levels(
     data_dir: str | Path, package_dir: str | Path, out_dir: str | Path | None = None, folds: int = 5,
     steps: int = 1000, cv_steps: int | None = None, seed: int = 0, log: Any = print,
+    phantom_seeds: int = 40,
 ) -> Path:
     """Cross-validate (when ``folds`` > 1 and ``out_dir`` given), then train on all cases and ship.
 
@@ -652,8 +749,11 @@ def train_levels(
     """
     metrics: dict[str, Any] = {}
     cv: dict[str, Any] | None = None
+    log(f"rendering {phantom_seeds} phantom anatomies (T2 and T1 sagittal)")
+    phantoms = render_phantom_slabs(range(phantom_seeds))
     if folds > 1 and out_dir is not None:
-        cv = cross_validate(data_dir, out_dir, folds=folds, steps=cv_steps or steps, seed=seed, log=log)
+        cv = cross_validate(data_dir, out_dir, folds=folds, steps=cv_steps or steps, seed=seed, log=log,
+                            phantoms=phantoms)
         metrics = {k: cv[k] for k in ("n_studies", "id_rate", "mean_error_mm", "p95_error_mm",
                                       "disc_id_rate", "l5s1_approximate_id_rate",
                                       "studies_mislabelled", "studies_with_missed_levels")}
@@ -661,12 +761,14 @@ def train_levels(
                                  f"{cv_steps or steps} steps per fold")
     cases = load_cases(data_dir)
     log(f"final model: {len(cases)} cases")
-    net = train_model(cases, steps=steps, seed=seed, log=log)
+    net = train_model(cases, steps=steps, seed=seed, log=log, phantoms=phantoms)
     training = {
         "data": {"cases": len(cases), "datasets": {d: sum(c.dataset == d for c in cases)
                                                    for d in sorted({c.dataset for c in cases})}},
         "folds": folds, "seed": seed, "steps": steps, "cv_steps": cv_steps or steps, "batch_size": 8,
         "train_shape": list(TRAIN_SHAPE),
+        "phantoms": {"seeds": f"0-{phantom_seeds - 1}", "contrasts": ["T2", "T1"], "series": len(phantoms),
+                     "fraction": PHANTOM_FRACTION},
     }
     pkg = save_package(net, package_dir, training, metrics)
     write_model_card(pkg, cv)
@@ -685,6 +787,30 @@ def evaluate_levels(data_dir: str | Path, out_dir: str | Path, package: str | Pa
         res, sec = localize_case(loc, c)
         scores.append(score_case(c, res, sec))
     return write_report(cases, scores, Path(out_dir), overlays=overlays)
+
+
+def evaluate_phantoms(seeds: Sequence[int], package: str | Path | None = None,
+                      contrasts: Sequence[str] = ("T2", "T1")) -> dict[str, Any]:
+    """Localize default sagittal phantom series (as the product's demo renders them) and score them.
+
+    S1 is left out of the scores because the localizer derives it rather than detects it.
+    """
+    from dicom_io import phantom
+
+    loc = LevelLocalizer.from_package(Path(package) if package is not None else default_package())
+    scores: list[CaseScore] = []
+    for seed in seeds:
+        anat = phantom.make_anatomy(int(seed), phantom.random_findings(np.random.default_rng(int(seed))))
+        truth = {k: np.asarray(v, float) for k, v in phantom.ground_truth(anat)["levels"].items() if k != "S1"}
+        for contrast in contrasts:
+            ser = phantom.render_mr(anat, contrast, "sagittal")
+            t0 = time.time()
+            res = loc(ser.array, ser.affine)
+            scores.append(score_points(f"phantom-{seed}-{contrast}", truth, res, time.time() - t0))
+    metrics = summarise(scores, [])
+    metrics["seeds"] = [int(s) for s in seeds]
+    metrics["contrasts"] = list(contrasts)
+    return metrics
 
 
 def default_package() -> Path:
@@ -739,6 +865,16 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None, notes: 
         "  +-15 deg, oblique tilt +-10 deg, pixel size +-15%, field-of-view cuts, gamma, inversion",
         "  (T1-like), random tone curves, bias field, noise, blur. Visible but unlabelled levels above",
         "  the top labelled body are excluded from the loss.",
+    ]
+    ph = tr.get("phantoms")
+    if ph:
+        lines += [
+            f"- Synthetic phantoms (`dicom_io.phantom`, seeds {ph.get('seeds')}): sagittal "
+            f"{'/'.join(ph.get('contrasts', []))} series with random top level, findings, slice thickness",
+            f"  and pixel size, {ph.get('series')} series cached as 5 mid-plane images; "
+            f"{100 * float(ph.get('fraction', 0)):.0f}% of the training samples.",
+        ]
+    lines += [
         f"- {tr.get('steps')} AdamW steps of batch {tr.get('batch_size')} on "
         f"{tr.get('train_shape')} crops, seed {tr.get('seed')}, CPU.",
         "",

@@ -26,12 +26,14 @@ def train(
     steps: int = typer.Option(1000, min=1, help="Optimiser steps of the shipped model."),
     cv_steps: int = typer.Option(1000, min=1, help="Optimiser steps of each fold's model."),
     seed: int = typer.Option(0),
+    phantom_seeds: int = typer.Option(40, min=0, help="Synthetic phantom anatomies mixed into training."),
 ) -> None:
     """Cross-validate on the data, then train on all of it and write the model package."""
     from training.levels import default_package, train_levels
 
     pkg = train_levels(data_dir, package_dir or default_package(), out_dir=out, folds=folds,
-                       steps=steps, cv_steps=cv_steps, seed=seed, log=typer.echo)
+                       steps=steps, cv_steps=cv_steps, seed=seed, log=typer.echo,
+                       phantom_seeds=phantom_seeds)
     typer.echo(f"package written to {pkg}")
 
 
