@@ -238,9 +238,10 @@ def _sc_dataset(
         instance_number=index + 1,
         manufacturer=manufacturer,
         pixel_spacing=pixel_spacing,
-        # highdicom insists on an orientation for patient images; an unknown one is
-        # blanked below (Patient Orientation is type 2: empty means unknown).
-        patient_orientation=orientation if known else ("L", "F"),
+        # highdicom insists on an orientation for patient images and takes single
+        # letters only; the full oblique value (e.g. "PH") and an unknown one (type 2:
+        # empty) are set below.
+        patient_orientation=(orientation[0][0], orientation[1][0]) if known else ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=contributing_equipment(result, manufacturer, institution, date + time),
         series_description=description,
@@ -251,8 +252,7 @@ def _sc_dataset(
         series_time=time,
         specific_character_set=character_set(source),
     )
-    if not known:
-        sc.PatientOrientation = ""
+    sc.PatientOrientation = list(orientation) if known else ""
     # The images Discus analyses show the lumbar spine, an unpaired body part, so
     # General Series Laterality (type 2C, paired parts only) stays absent.
     sc.BodyPartExamined = str(source.get("BodyPartExamined") or "") or "LSPINE"

@@ -193,3 +193,15 @@ def test_orthanc_accepts_and_qido_lists_them(orthanc, outputs, sources):
     uids = {item["00080018"]["Value"][0] for item in listed}
     assert {str(d.SOPInstanceUID) for d in outputs} <= uids
     assert {str(s.SOPInstanceUID) for s in sources} <= uids
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dicom3tools dciodvfy is not installed")
+def test_oblique_source_keeps_its_multi_letter_orientation():
+    src = make_source(0, study_uid="1.2.3.4.6")
+    c, s = np.cos(np.radians(40)), np.sin(np.radians(40))
+    # an oblique sagittal: rows run posterior and head-wards, columns foot-wards
+    src.ImageOrientationPatient = [0.0, c, s, 0.0, s, -c]
+    res = full_result([src])
+    heat = encode_heatmap_sc(res.findings[0], src, res, 0)
+    assert list(heat.PatientOrientation) == ["PH", "FP"]
+    assert dciodvfy(heat).ok, dciodvfy(heat).errors
