@@ -407,6 +407,7 @@ def train_model(
     checkpoint_every: int = 0,
     init: LevelNet | None = None,
     phantoms: Sequence[PhantomSlab] = (),
+    phantom_fraction: float = PHANTOM_FRACTION,
 ) -> LevelNet:
     """Train a :class:`LevelNet` for ``steps`` steps (AdamW, one-cycle schedule).
 
@@ -419,7 +420,8 @@ def train_model(
     net = init.train() if init is not None else LevelNet(widths=widths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    ds = LevelSamples(cases, length=steps * batch_size, seed=seed, phantoms=phantoms)
+    ds = LevelSamples(cases, length=steps * batch_size, seed=seed, phantoms=phantoms,
+                      phantom_fraction=phantom_fraction)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False)
     net.train()
