@@ -52,6 +52,9 @@ GRID_SHAPE: tuple[int, int] = (128, 112)
 SLAB_MM = 4.0
 #: Most images fed to the network per series (the central ones).
 MAX_CANDIDATES = 14
+#: Fewest vertebral bodies above the sacrum that make a column worth naming: two peaks give a
+#: single step that nothing checks (noise can do that), three give two steps that must agree.
+MIN_BODIES = 3
 #: Largest angle between the slice normal and the patient's left-right axis (degrees).
 MAX_OBLIQUITY_DEG = 35.0
 
@@ -474,6 +477,7 @@ def _sha256(path: Path) -> str:
 class _Maps:
     heat: np.ndarray  # [n_candidates, C, H, W]
     candidates: list[int]
+    step: np.ndarray | None = None  # slice vector of the working stack (mm)
 
 
 class LevelLocalizer:
@@ -562,7 +566,7 @@ class LevelLocalizer:
         x = torch.from_numpy(neighbour_inputs(imgs, candidates))
         with torch.inference_mode():
             heat = self.net(x).float().numpy()
-        return _Maps(heat, candidates), grid, arr, aff
+        return _Maps(heat, candidates, np.asarray(aff[:3, 2], float)), grid, arr, aff
 
     def __call__(self, array: np.ndarray, affine: np.ndarray) -> LocalizationResult:
         """Find and name the levels of a sagittal series.
@@ -593,7 +597,7 @@ class LevelLocalizer:
     def _name_levels(self, maps: _Maps, grid: SagittalGrid, affine: np.ndarray,
                      shape: tuple[int, ...]) -> LocalizationResult:
         px = self.pixel_mm
-        proj = maps.heat.max(axis=0)  # [C, H, W]
+        proj = self._midplane_projection(maps)  # [C, H, W]
         vert = find_peaks(proj[0], self.threshold, min_distance_px=int(12 / px))
         discs = find_peaks(proj[1], self.threshold, min_distance_px=int(8 / px))
         anchors = find_peaks(proj[2], self.anchor_threshold, min_distance_px=int(20 / px))
@@ -611,20 +615,20 @@ class LevelLocalizer:
         anchor = anchors[0]
         chain = chain_from_sacrum(anchor, vert, px)
         trust = min(1.0, anchor.value)
-        if len(chain.peaks) < 2:
+        if len(chain.peaks) < MIN_BODIES:
             # the strongest junction candidate has no spine above it: try the others, but say so
             for alt in anchors[1:]:
                 alt_chain = chain_from_sacrum(alt, vert, px)
-                if len(alt_chain.peaks) >= 2:
+                if len(alt_chain.peaks) >= MIN_BODIES:
                     anchor, chain = alt, alt_chain
                     trust = min(0.4, alt.value)
                     warnings.append("the strongest L5-S1 candidate had no vertebrae above it; "
                                     "a weaker one was used and level names are uncertain")
                     break
         chain = regular_prefix(chain, px)
-        if len(chain.peaks) < 2:
+        if len(chain.peaks) < MIN_BODIES:
             return LocalizationResult(
-                reason=f"only {len(chain.peaks)} vertebral body found above the sacrum in a regular column; "
+                reason=f"only {len(chain.peaks)} vertebral body(ies) found above the sacrum in a regular column; "
                        "too few to name levels"
             )
         rivals = [a for a in anchors if a is not anchor and a.value >= 0.5 * anchor.value
@@ -681,6 +685,21 @@ class LevelLocalizer:
             points.append(self._point("S1", s1, inv, 0.6 * trust))
         points.sort(key=lambda p: CRANIOCAUDAL.index(p.name))
         return LocalizationResult(points=points, warnings=warnings)
+
+    def _midplane_projection(self, maps: _Maps, half_width_mm: float = 12.0) -> np.ndarray:
+        """Maximum of the maps over the images within ``half_width_mm`` of the spine's mid-plane.
+
+        The mid-plane is the image with the most vertebra and disc response (smoothed over
+        neighbours); images far lateral of it (psoas, ribs, facets) only add stray peaks.
+        """
+        heat = maps.heat
+        mass = np.clip(heat[:, :2] - 0.3, 0.0, None).sum(axis=(1, 2, 3))
+        if len(mass) >= 3:
+            mass = np.convolve(mass, [0.25, 0.5, 0.25], mode="same")
+        c = int(np.argmax(mass))
+        step = float(np.linalg.norm(maps.step)) if maps.step is not None else SLAB_MM
+        k = max(1, int(round(half_width_mm / max(step, 1e-3))))
+        return heat[max(0, c - k):c + k + 1].max(axis=0)
 
     @staticmethod
     def _point(name: str, xyz: np.ndarray, inv: np.ndarray, conf: float) -> LevelPoint:

@@ -820,6 +820,11 @@ def default_package() -> Path:
     return Path(__file__).resolve().parents[1] / "models" / "packages" / "levels"
 
 
+def _share(v: Any) -> str:
+    """A training share as text: fractions as percent, descriptions as given."""
+    return f"{100 * float(v):.0f}%" if isinstance(v, (int, float)) else str(v)
+
+
 def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None, notes: Sequence[str] = ()) -> Path:
     """``MODEL_CARD.md`` of a levels package from its config and the cross-validation report."""
     pkg = Path(package_dir)
@@ -874,7 +879,7 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None, notes: 
             f"- Synthetic phantoms (`dicom_io.phantom`, seeds {ph.get('seeds')}): sagittal "
             f"{'/'.join(ph.get('contrasts', []))} series with random top level, findings, slice thickness",
             f"  and pixel size, {ph.get('series')} series cached as 5 mid-plane images; "
-            f"{100 * float(ph.get('fraction', 0)):.0f}% of the training samples.",
+            f"{_share(ph.get('fraction', 0))} of the training samples.",
         ]
     lines += [
         f"- {tr.get('steps')} AdamW steps of batch {tr.get('batch_size')} on "
