@@ -282,7 +282,8 @@ def _group(
         raise EncodingError(f"probabilities[{finding.grade!r}]: must be in [0, 1], got {probability}")
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=deterministic_uid("discus-tracking", sop_uid, label), identifier=label
+            uid=deterministic_uid("discus-tracking", sop_uid, label, finding.image.sop_instance_uid),
+            identifier=label,
         ),
         referenced_region=_region(finding, source),
         finding_type=codes.condition_code(finding.condition),
@@ -553,9 +554,7 @@ def read_sr(ds: Dataset) -> list[dict[str, Any]]:
                 item.ConceptCodeSequence[0].CodeValue,
                 item.ConceptCodeSequence[0].CodingSchemeDesignator,
             ).value
-        evaluation = group.get_qualitative_evaluations()[0]
-        condition = codes.decode_condition(*_code_key(evaluation.name))
-        grade = codes.decode_grade(condition, *_code_key(evaluation.value))
+        condition, grade = _evaluation_of(group)
         measurement = group.get_measurements(name=codes.code("probability"))[0]
         algorithm = _algorithm_of(group)
         roi = group.roi
@@ -580,6 +579,31 @@ def read_sr(ds: Dataset) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _evaluation_of(group: Any) -> tuple[ConditionValues, str]:
+    """Condition and grade of a measurement group's qualitative evaluation.
+
+    The X-ray condition's concept name is DCM 121071 "Finding", the same name as the
+    group's finding type, and highdicom does not list such an item among the group's
+    evaluations; so the group's CODE items are searched, last first, for one whose
+    name is a condition and whose value is one of its grades.
+    """
+    found = group.get_qualitative_evaluations()
+    if found:
+        condition = codes.decode_condition(*_code_key(found[0].name))
+        return condition, codes.decode_grade(condition, *_code_key(found[0].value))
+    for item in reversed(list(group[0].ContentSequence)):
+        if item.ValueType != "CODE":
+            continue
+        name = item.ConceptNameCodeSequence[0]
+        value = item.ConceptCodeSequence[0]
+        try:
+            condition = codes.decode_condition(name.CodeValue, name.CodingSchemeDesignator)
+            return condition, codes.decode_grade(condition, value.CodeValue, value.CodingSchemeDesignator)
+        except ValueError:
+            continue
+    raise ValueError(f"measurement group {group.tracking_uid}: no qualitative evaluation")
 
 
 def read_status(ds: Dataset) -> tuple[str, str | None]:

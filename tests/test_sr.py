@@ -286,3 +286,24 @@ def test_round_trip_property(res):
         assert g["grade"] == w["grade"]
         assert g["probability"] == pytest.approx(w["probability"], abs=1e-6)
         assert g["model_version"] == w["model_version"]
+
+
+def test_xray_findings_read_back_one_per_image():
+    """The X-ray evaluation shares its concept name with the finding type; it still reads back."""
+    import dataclasses
+
+    from dicom_io.sr import encode_sr, read_sr
+    from tests.sr_sources import make_source, roundtrip, xray_result
+
+    ap, lat = make_source(0, study_uid="1.2.3.4.7"), make_source(1, study_uid="1.2.3.4.7")
+    for src in (ap, lat):
+        src.Modality = "DX"
+    res = xray_result(ap, grade="scoliosis")
+    normal = xray_result(lat, grade="normal").findings[0]
+    res.findings.append(dataclasses.replace(normal, heatmap=None))
+    back = read_sr(roundtrip(encode_sr(res, [ap, lat])))
+    assert [(g["condition"], g["grade"], g["sop_instance_uid"]) for g in back] == [
+        ("spine_xray", "scoliosis", ap.SOPInstanceUID),
+        ("spine_xray", "normal", lat.SOPInstanceUID),
+    ]
+    assert len({g["tracking_uid"] for g in back}) == 2
