@@ -174,7 +174,7 @@ def train_task(
                                         "weighted_f1", "rsna_weighted_log_loss", "log_loss", "n") if k in held}
         metrics_source = "held-out set"
     metrics["source"] = metrics_source
-    evaluation["plots"] = [str(p) for p in plots]
+    evaluation["plots"] = [Path(p).name for p in plots]  # beside the card
     device = resolve_device(settings.device)
     training = {
         "task_description": spec.description,
@@ -230,6 +230,6 @@ def evaluate_package(path: str | Path, crops: CropSet, out_dir: str | Path, devi
                              f"{pred.config.task}: {crops.source or 'evaluation'}")
     report = clean({"package": pred.config.name, "version": pred.config.version, "sha256": pred.config.sha256,
                     "data": crops.summary(), "metrics": m, "inference_seconds": seconds,
-                    "plots": [str(p) for p in plots]})
+                    "plots": [Path(p).name for p in plots]})
     (out / "evaluation.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return report
