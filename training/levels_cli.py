@@ -23,16 +23,16 @@ def train(
     package_dir: Path = typer.Option(None, help="Where the trained package goes (default: the shipped one)."),
     out: Path = typer.Option(Path("var/levels/cv"), help="Cross-validation report folder."),
     folds: int = typer.Option(5, min=1, help="Case-grouped folds; 1 trains the final model only."),
-    steps: int = typer.Option(1000, min=1, help="Optimiser steps of the shipped model."),
-    cv_steps: int = typer.Option(1000, min=1, help="Optimiser steps of each fold's model."),
+    steps: int = typer.Option(None, min=1, help="Optimiser steps of the shipped model (default 2000)."),
+    cv_steps: int = typer.Option(None, min=1, help="Optimiser steps of each fold's model (default: --steps)."),
     seed: int = typer.Option(0),
     phantom_seeds: int = typer.Option(40, min=0, help="Synthetic phantom anatomies mixed into training."),
 ) -> None:
     """Cross-validate on the data, then train on all of it and write the model package."""
-    from training.levels import default_package, train_levels
+    from training.levels import TRAIN_STEPS, default_package, train_levels
 
     pkg = train_levels(data_dir, package_dir or default_package(), out_dir=out, folds=folds,
-                       steps=steps, cv_steps=cv_steps, seed=seed, log=typer.echo,
+                       steps=steps or TRAIN_STEPS, cv_steps=cv_steps, seed=seed, log=typer.echo,
                        phantom_seeds=phantom_seeds)
     typer.echo(f"package written to {pkg}")
 
