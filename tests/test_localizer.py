@@ -362,3 +362,20 @@ def test_shipped_model_names_the_levels_of_a_synthetic_phantom(contrast: str) ->
     for name in ("L1", "L2", "L3", "L4", "L5", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"):
         assert name in got, (name, res.reason)
         assert np.linalg.norm(np.asarray(got[name].point_mm) - np.asarray(truth[name])) < 6.0, name
+
+
+def test_fused_network_gives_the_same_heatmaps() -> None:
+    torch.manual_seed(0)
+    net = LevelNet(widths=(4, 8, 8))
+    # non-trivial BatchNorm statistics, as after training
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(4, 3, 32, 24) * 3.0 + 0.5)
+    net.eval()
+    fused = net.fused()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    x = torch.rand(2, 3, 40, 36)
+    with torch.no_grad():
+        np.testing.assert_allclose(fused(x).numpy(), net(x).numpy(), atol=1e-5)
