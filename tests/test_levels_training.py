@@ -153,19 +153,27 @@ def test_a_few_training_steps_learn_something_and_package(tmp_path: Path) -> Non
     assert "S1 is not labelled" in card and "| L3 |" in card
 
 
-def write_levels_folder(root: Path, case: LevelCase) -> Path:
+def write_levels_folder(root: Path, *cases: LevelCase) -> Path:
+    """A folder in the ``levels.json`` format holding ``cases`` (endplates and axes where the case has them)."""
     import nibabel as nib
 
     root.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(case.image, case.affine), str(root / f"{case.name}.nii.gz"))
-    to_json = lambda v: {"vox": v.tolist(), "mm": (case.affine[:3, :3] @ v + case.affine[:3, 3]).tolist()}  # noqa: E731
-    meta = {"cases": {case.name: {
-        "dataset": case.dataset, "image": f"{case.name}.nii.gz", "affine": case.affine.tolist(),
-        "vertebrae": {n: {"centroid": to_json(v), "superior_endplate": to_json(case.superior_endplates[n]),
-                          "spine_axis_caudal": {"vox": case.axes[n].tolist()}}
-                      for n, v in case.vertebrae.items()},
-        "discs": {n: {**to_json(v), "approximate": n in case.approximate_discs} for n, v in case.discs.items()},
-    }}}
+    meta: dict = {"cases": {}}
+    for case in cases:
+        nib.save(nib.Nifti1Image(case.image, case.affine), str(root / f"{case.name}.nii.gz"))
+        to_json = lambda v, c=case: {"vox": v.tolist(), "mm": (c.affine[:3, :3] @ v + c.affine[:3, 3]).tolist()}  # noqa: E731
+        verts = {}
+        for n, v in case.vertebrae.items():
+            verts[n] = {"centroid": to_json(v)}
+            if n in case.superior_endplates:
+                verts[n]["superior_endplate"] = to_json(case.superior_endplates[n])
+            if n in case.axes:
+                verts[n]["spine_axis_caudal"] = {"vox": case.axes[n].tolist()}
+        meta["cases"][case.name] = {
+            "dataset": case.dataset, "image": f"{case.name}.nii.gz", "affine": case.affine.tolist(),
+            "vertebrae": verts,
+            "discs": {n: {**to_json(v), "approximate": n in case.approximate_discs} for n, v in case.discs.items()},
+        }
     (root / "levels.json").write_text(json.dumps(meta))
     return root
 
@@ -210,3 +218,28 @@ def test_phantom_slabs_put_targets_on_the_rendered_levels() -> None:
     assert y[0].max() > 0.9 and y[1].max() > 0.9
     r, q = np.unravel_index(np.argmax(y[0]), y[0].shape)
     assert y[1][r, q] < 0.05
+
+
+def test_partly_labelled_cases_are_scored_on_what_is_labelled(tmp_path: Path) -> None:
+    """An external set may label only discs, or only vertebrae, or add S1: each is scored as labelled."""
+    from dataclasses import replace
+
+    full = phantom_case("FULL")
+    discs_only = replace(phantom_case("DISCS"), vertebrae={}, superior_endplates={}, axes={})
+    verts_only = replace(phantom_case("VERTS"), discs={}, approximate_discs=frozenset())
+    with_s1 = phantom_case("S1")
+    with_s1.vertebrae["S1"] = with_s1.vertebrae["L5"] + np.array([34.0, 0.0, 0.0])
+    # written to and read back from one levels.json folder, as `discus evaluate levels` reads it
+    data = write_levels_folder(tmp_path / "data", full, discs_only, verts_only, with_s1)
+    loaded = {c.name: c for c in load_cases(data)}
+    assert not loaded["DISCS"].vertebrae and loaded["DISCS"].discs
+    assert not loaded["VERTS"].discs and "S1" in loaded["S1"].vertebrae
+
+    scores = [score_case(loaded[n], result_from(loaded["FULL"])) for n in ("DISCS", "VERTS", "S1")]
+    m = summarise(scores, list(loaded.values()))
+    # vertebrae: 6 of VERTS + 6 of S1 found, S1 itself not predicted -> 12 of 13
+    assert m["n_vertebrae"] == 13 and m["id_rate"] == pytest.approx(12 / 13)
+    assert m["per_level"]["S1"]["n"] == 1 and m["per_level"]["S1"]["id_rate"] == 0.0
+    # discs: only the DISCS and S1 cases label them, and no disc is predicted
+    assert m["per_level"]["L2-L3"]["n"] == 2
+    assert scores[0].identified and all(k in loaded["DISCS"].discs for k in scores[0].identified)
