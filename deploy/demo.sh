@@ -38,13 +38,29 @@ wait_port() {  # name port seconds
   exit 1
 }
 
+stale() {  # pidfile: the project's code or model packages changed after the process started
+  [ -n "$(find "$ROOT/worker" "$ROOT/dicom_io" "$ROOT/models" -newer "$1" \
+    \( -name '*.py' -o -name '*.json' -o -name '*.safetensors' \) -print -quit 2>/dev/null)" ]
+}
+
 start() {  # name port command...; skipped when its pid file names a live process
   local name=$1 port=$2
   shift 2
   local pidfile="$VAR/run/$name.pid"
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "  $name already running (pid $(cat "$pidfile"))"
-    return
+    if [[ "$name" == listener || "$name" == worker ]] && stale "$pidfile"; then
+      # a warm worker keeps the models it loaded: restart it on the installed code and models
+      echo "  $name runs older code or models than installed: restarting it"
+      local pid i
+      pid=$(cat "$pidfile")
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; fi
+      rm -f "$pidfile"
+    else
+      echo "  $name already running (pid $(cat "$pidfile"))"
+      return
+    fi
   fi
   if [ "$port" != "-" ] && port_open "$port"; then
     echo "error: port $port for $name is taken by another program; set its port variable" >&2
