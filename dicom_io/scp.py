@@ -22,7 +22,9 @@ Logs carry UIDs, AE titles and counts only, never patient attributes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +37,13 @@ from pydicom import uid as ts
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pynetdicom import evt, sop_class
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt, sop_class
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.errors import InvalidUIDError, SpoolError, SpoolFullError
 from dicom_io.spool import Spool, StoreOutcomeValues, validate_uid
-from dicom_io.transport import NoDelayAE
+from dicom_io.transport import LeanAssociationServer, NoDelayAE
 
 LOGGER = logging.getLogger(__name__)
 
@@ -192,7 +193,11 @@ class ListenerConfig:
 
 @dataclass(frozen=True)
 class StoredInstance:
-    """One instance the listener has put on disk, as told to ``on_stored``."""
+    """One instance the listener has put on disk, as told to ``on_stored``.
+
+    ``digest`` is the SHA-1 (hex) of the dataset bytes as received, file meta excluded:
+    what :func:`worker.index.dataset_digest` computes from the stored file.
+    """
 
     study_instance_uid: str
     series_instance_uid: str
@@ -204,6 +209,7 @@ class StoredInstance:
     size: int
     calling_ae_title: str
     outcome: StoreOutcomeValues
+    digest: str = ""
 
     @property
     def is_new(self) -> bool:
@@ -261,6 +267,49 @@ def _read_header(stream: BytesIO, transfer_syntax: UID, meta: bytes) -> Dataset:
         )
     finally:
         stream.seek(0)
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of the file meta group (short-length VRs and OB)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` prefix and File Meta Information of a received instance.
+
+    The same bytes as pynetdicom's ``Event.file_meta`` encoded by pydicom (group length,
+    version, media storage SOP class and instance, transfer syntax, pynetdicom's
+    implementation class UID and version name), in a fraction of the time.
+
+    Parameters
+    ----------
+    sop_class_uid, sop_instance_uid : str
+        The request's Affected SOP Class and Instance UIDs.
+    transfer_syntax_uid : str
+        The presentation context's transfer syntax.
+
+    Returns
+    -------
+    bytes
+        132 + group length bytes, to be followed by the dataset as received.
+    """
+    group = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _padded(sop_class_uid, b"\0")),
+        _element(0x00020003, b"UI", _padded(sop_instance_uid, b"\0")),
+        _element(0x00020010, b"UI", _padded(transfer_syntax_uid, b"\0")),
+        _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+        _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    length = _element(0x00020000, b"UL", struct.pack("<I", len(group)))
+    return b"\0" * 128 + b"DICM" + length + group
 
 
 def make_ae(config: ListenerConfig | None = None) -> NoDelayAE:
@@ -332,7 +381,8 @@ def handle_store(
     count = stats.add if stats is not None else (lambda name, size=0: None)
     stream: BytesIO = event.request.DataSet  # type: ignore[assignment]
     try:
-        meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        meta = file_meta_bytes(event.request.AffectedSOPClassUID, event.request.AffectedSOPInstanceUID,
+                               event.context.transfer_syntax)
         header = _read_header(stream, event.context.transfer_syntax, meta)
         study_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
@@ -357,6 +407,7 @@ def handle_store(
     try:
         with stream.getbuffer() as body:  # the received bytes, written without a copy
             written = spool.store(study_uid, series_uid, sop_uid, (meta, body), len(meta))
+            digest = hashlib.sha1(body).hexdigest()
     except SpoolFullError as exc:
         count("write_failed")
         LOGGER.error("C-STORE refused 0xA700: %s", exc)
@@ -377,6 +428,7 @@ def handle_store(
         size=written.size,
         calling_ae_title=event.assoc.requestor.ae_title,
         outcome=written.outcome,
+        digest=digest,
     )
     if on_stored is not None:
         try:
@@ -417,6 +469,7 @@ def start_listener(
     on_stored: OnStored | None = None,
     stats: ListenerStats | None = None,
     block: bool = False,
+    server_class: type[ThreadedAssociationServer] = LeanAssociationServer,
 ) -> ThreadedAssociationServer | None:
     """Start the listener on ``(config.host, config.port)``.
 
@@ -434,6 +487,9 @@ def start_listener(
         ``False`` (default) serves from a background thread and returns the
         server (stop it with ``server.shutdown()``); ``True`` serves until
         the server is shut down from another thread and returns ``None``.
+    server_class : type, optional
+        The server; :class:`dicom_io.transport.LeanAssociationServer` (default)
+        or a subclass of it.
 
     Returns
     -------
@@ -452,6 +508,15 @@ def start_listener(
         raise TypeError(f"spool: expected Spool, got {type(spool).__name__}")
     config = ListenerConfig() if config is None else config
     ae = make_ae(config)
-    handlers = store_handlers(spool, on_stored, stats)
+    server = ae.make_server((config.host, config.port), evt_handlers=store_handlers(spool, on_stored, stats),
+                            server_class=server_class)
+    ae._servers.append(server)  # pynetdicom's shutdown() removes it from there
     LOGGER.info("listening as %s on %s:%s", config.ae_title, config.host, config.port)
-    return ae.start_server((config.host, config.port), block=block, evt_handlers=handlers)
+    if block:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            server.shutdown()
+        return None
+    threading.Thread(target=server.serve_forever, name="discus-acceptor", daemon=True).start()
+    return server

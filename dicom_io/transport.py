@@ -1,23 +1,51 @@
-"""An application entity whose sockets send without Nagle's delay.
+"""Sockets and associations for the project's DICOM traffic.
 
 Nagle's algorithm holds back the small C-STORE response PDU until the peer's
 delayed ACK arrives, about 40-50 ms per instance on Linux, which caps a single
 association at some twenty instances a second. Every socket the project opens
 (listener and SCU) therefore sets ``TCP_NODELAY``.
+
+The listener's associations are also *lean* (:class:`LeanAssociationServer`).
+pynetdicom polls: its DUL thread sleeps a millisecond whenever it finds nothing
+to do and its association thread sleeps a millisecond before every look for a
+message, so each C-STORE waits one to two milliseconds for nobody; it also
+reads PDUs in 4 KB pieces and binds log handlers that format (and copy) every
+message and PDU even when their logger drops the lines. A lean association
+waits in ``select`` on its socket and on a waker that a queued outgoing PDU
+writes to, waits for a DIMSE message on its queue instead of sleeping,
+reads each PDU with one ``recv_into``, encodes C-STORE responses directly and
+binds no log handlers. The association protocol, its state machine and the
+service classes are pynetdicom's, unchanged.
 """
 
 from __future__ import annotations
 
+import queue
+import select
 import socket
+import ssl
+import struct
+import threading
+from copy import deepcopy
+from datetime import datetime
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
     AddressInformation,
     AssociationServer,
     AssociationSocket,
+    RequestHandler,
     ThreadedAssociationServer,
 )
+
+#: Longest a lean association's threads wait for work before they look at timers and state again.
+WAIT = 0.005
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -60,3 +88,228 @@ class NoDelayAE(AE):
         elif server_class is ThreadedAssociationServer:
             server_class = NoDelayThreadedAssociationServer
         return super().make_server(address, *args, server_class=server_class, **kwargs)
+
+
+class _Waker:
+    """A connected socket pair: a byte sent into one end makes the other readable."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed (nobody waits)
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:  # nothing left (BlockingIOError) or closed
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's queue of primitives to send; putting one wakes the DUL from ``select``."""
+
+    def __init__(self, waker: _Waker) -> None:
+        super().__init__()
+        self._waker = waker
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._waker.wake()
+
+
+class LeanAssociationSocket(AssociationSocket):
+    """An accepted association's socket that the DUL waits on instead of polling.
+
+    ``ready`` blocks in ``select`` for at most :data:`WAIT` seconds on the peer's socket and
+    on the association's waker, so the DUL thread wakes as soon as the peer sends or a PDU
+    is queued for sending. ``recv`` reads a whole PDU with ``recv_into``.
+    """
+
+    def __init__(self, assoc: LeanAssociation, client_socket: socket.socket) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self._waker = assoc.waker
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted data select() cannot see
+        dul = self._assoc.dul
+        pending = not dul.event_queue.empty() or not dul.to_provider_queue.empty()
+        try:
+            readable, _, _ = select.select([sock, self._waker.reader], [], [], 0 if pending else WAIT)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # Transport connection closed
+            return False
+        if self._waker.reader in readable:
+            self._waker.drain()
+        return sock in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        got = 0
+        with memoryview(buffer) as view:
+            while got < nr_bytes:
+                n = sock.recv_into(view[got:])
+                if not n:  # connection closed: return what arrived, as pynetdicom does
+                    break
+                got += n
+        del buffer[got:]
+        return buffer
+
+    def close(self) -> None:
+        super().close()
+        self._waker.close()
+
+
+def _ui(element: int, uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+
+def encode_store_response(rsp: Any) -> bytes | None:
+    """The command set of a plain C-STORE response, Implicit VR Little Endian.
+
+    Parameters
+    ----------
+    rsp : pynetdicom.dimse_primitives.C_STORE
+        A response primitive: *Message ID Being Responded To*, *Status* and both affected
+        UIDs set, nothing else.
+
+    Returns
+    -------
+    bytes or None
+        The encoded command set (group length first), byte for byte what pynetdicom
+        encodes, or ``None`` when ``rsp`` is anything else (a request, an error comment
+        or offending element, a missing UID); pynetdicom encodes those.
+    """
+    if type(rsp) is not C_STORE or rsp.MessageIDBeingRespondedTo is None or rsp.Status is None:
+        return None
+    if rsp.AffectedSOPClassUID is None or rsp.AffectedSOPInstanceUID is None:
+        return None
+    if rsp.ErrorComment is not None or rsp.OffendingElement is not None:
+        return None
+    body = b"".join((
+        _ui(0x0002, rsp.AffectedSOPClassUID),
+        _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+        _us(0x0120, rsp.MessageIDBeingRespondedTo),
+        _us(0x0800, 0x0101),  # Command Data Set Type: no data set
+        _us(0x0900, rsp.Status),
+        _ui(0x1000, rsp.AffectedSOPInstanceUID),
+    ))
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+class LeanDIMSEServiceProvider(DIMSEServiceProvider):
+    """DIMSE provider of a lean association: waits for messages, encodes C-STORE responses."""
+
+    def get_msg(self, block: bool = False) -> Any:
+        if not block and threading.current_thread() is self.assoc:
+            # The reactor sleeps a millisecond and then looks without waiting; waiting
+            # here hands it each message the moment it is complete.
+            try:
+                return self.msg_queue.get(timeout=WAIT)
+            except queue.Empty:
+                return None, None
+        return super().get_msg(block)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        command = encode_store_response(primitive)
+        peer_max = self.maximum_pdu_size
+        if (command is None or (peer_max and len(command) + 6 > peer_max)
+                or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
+        self.dul.send_pdu(pdata)
+
+
+def _bind_intervention_defaults(target: Any) -> None:
+    """Bind pynetdicom's default intervention handlers and none of its log handlers."""
+    for event in evt._INTERVENTION_EVENTS:
+        target.bind(event, evt.get_default_handler(event))
+
+
+class LeanAssociation(Association):
+    """An acceptor association whose threads wait for work instead of polling (see module doc)."""
+
+    def _bind_defaults(self) -> None:
+        _bind_intervention_defaults(self)
+
+    def __init__(self, ae: Any) -> None:
+        super().__init__(ae, MODE_ACCEPTOR)
+        self.waker = _Waker()
+        self.dul.to_provider_queue = _WakingQueue(self.waker)
+        self.dul._run_loop_delay = 0  # the DUL waits in LeanAssociationSocket.ready instead
+        self.dimse = LeanDIMSEServiceProvider(self)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if not self.dul.is_alive():
+                self.waker.close()
+
+
+class LeanRequestHandler(RequestHandler):
+    """Makes a :class:`LeanAssociation` for each accepted connection."""
+
+    def _create_association(self) -> Association:
+        # pynetdicom's RequestHandler._create_association with the lean classes.
+        assoc = LeanAssociation(self.ae)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(LeanAssociationSocket(assoc, self.request))  # type: ignore[arg-type]
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:  # type: ignore[misc]
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+class LeanAssociationServer(_NoDelayServerMixin, ThreadedAssociationServer):
+    """The listener's server: ``TCP_NODELAY``, lean associations, no per-PDU log handlers.
+
+    pynetdicom's standard log handlers format every message and PDU (and copy each
+    received dataset once) even when the ``pynetdicom`` logger drops the lines; the
+    listener logs one line per association itself. Start it with
+    ``ae.make_server(address, server_class=LeanAssociationServer, evt_handlers=...)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", LeanRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        _bind_intervention_defaults(self)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 from pynetdicom import AE, evt, sop_class
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.scp import (
     CANNOT_UNDERSTAND,
@@ -28,12 +32,13 @@ from dicom_io.scp import (
     ListenerConfig,
     ListenerStats,
     StoredInstance,
+    file_meta_bytes,
     make_ae,
     start_listener,
 )
 from dicom_io.scu import send_files
 from dicom_io.spool import Spool, StoreOutcomeValues
-from dicom_io.transport import NoDelayAE
+from dicom_io.transport import LeanAssociation, LeanAssociationServer, NoDelayAE
 from tests.conftest import NODELAY_ENV, need
 from tests.dicom_samples import make_image, write_stack
 
@@ -95,6 +100,7 @@ def test_storescu_series_stored_byte_equal(listener: Running, tmp_path: Path) ->
         assert meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
         assert item.outcome is StoreOutcomeValues.NEW
         assert (item.modality, item.calling_ae_title) == ("MR", "STORESCU")
+        assert item.digest == hashlib.sha1(dataset_bytes(item.path)).hexdigest()
     assert listener.stats.snapshot()["new"] == 5
     assert not list(listener.spool.root.rglob("*.tmp"))
 
@@ -255,7 +261,8 @@ def test_jpeg_lossless_sv1_from_dcmcjpeg(listener: Running, tmp_path: Path) -> N
     assert dataset_bytes(item.path) == dataset_bytes(src)
 
 
-def test_sockets_have_nodelay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_class", [ThreadedAssociationServer, LeanAssociationServer])
+def test_sockets_have_nodelay(tmp_path: Path, server_class: type) -> None:
     seen: list[int] = []
 
     def on_open(event: evt.Event) -> None:
@@ -263,7 +270,10 @@ def test_sockets_have_nodelay(tmp_path: Path) -> None:
         seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     ae = make_ae(ListenerConfig(host="127.0.0.1", port=0))
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    server = ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                            server_class=server_class)
+    ae._servers.append(server)  # where pynetdicom's shutdown() looks for it
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = NoDelayAE(ae_title="SCU")
         client.add_requested_context(sop_class.Verification)
@@ -323,3 +333,33 @@ def test_pixels_unchanged_after_roundtrip(listener: Running, tmp_path: Path) -> 
     paths = write_stack(tmp_path / "src", 1, rows=32, columns=32)
     assert storescu(listener.port, paths).returncode == 0
     assert np.array_equal(dcmread(listener.stored[0].path).pixel_array, dcmread(paths[0]).pixel_array)
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45"])  # odd and even lengths
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, "1.2.840.10008.1.2", JPEG2000Lossless])
+def test_file_meta_bytes_are_pynetdicoms(sop_instance_uid: str, syntax: str) -> None:
+    expected = encode_file_meta(create_file_meta(
+        sop_class_uid=sop_class.MRImageStorage, sop_instance_uid=sop_instance_uid, transfer_syntax=syntax))
+    got = file_meta_bytes(sop_class.MRImageStorage, sop_instance_uid, syntax)
+    assert got == b"\0" * 128 + b"DICM" + expected
+    meta = dcmread(BytesIO(got + b"\x08\x00\x60\x00CS\x02\x00MR")).file_meta  # with one element
+    assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (sop_instance_uid, syntax)
+
+
+def test_listener_associations_are_lean(listener: Running, tmp_path: Path) -> None:
+    """The listener's associations wait instead of polling and carry no per-PDU log handlers."""
+    client = NoDelayAE(ae_title="DISCUS")
+    client.add_requested_context(sop_class.MRImageStorage, ExplicitVRLittleEndian)
+    assoc = client.associate("127.0.0.1", listener.port, ae_title="DISCUS")
+    assert assoc.is_established
+    try:
+        for path in write_stack(tmp_path / "src", 3):
+            assert assoc.send_c_store(dcmread(path)).Status == 0
+        acceptors = [t for t in threading.enumerate() if isinstance(t, LeanAssociation) and t.is_established]
+    finally:
+        assoc.release()
+    assert len(listener.stored) == 3
+    assert acceptors  # the listener's side of this association
+    for acceptor in acceptors:
+        for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+            assert acceptor.get_handlers(event) == []

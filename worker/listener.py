@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any
 
-from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, make_ae, store_handlers
+from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, start_listener
 from dicom_io.spool import Spool
-from dicom_io.transport import NoDelayThreadedAssociationServer
+from dicom_io.transport import LeanAssociationServer
 from worker.index import StudyIndex, dataset_digest
 from worker.settings import Settings
 
@@ -116,12 +116,13 @@ def make_on_stored(index: StudyIndex) -> Any:
     """The ``on_stored`` callback: record the instance (duplicates included) in the index.
 
     A duplicate is recorded too: if an earlier callback failed, the sender's retry is
-    how the index catches up; an identical digest changes nothing.
+    how the index catches up; an identical digest changes nothing. The digest is the
+    listener's, computed from the bytes received; the file is read only if it has none.
     """
 
     def on_stored(inst: StoredInstance) -> None:
         index.record_instance(inst.study_instance_uid, inst.sop_instance_uid,
-                              dataset_digest(inst.path), inst.path.parent.parent)
+                              inst.digest or dataset_digest(inst.path), inst.path.parent.parent)
 
     return on_stored
 
@@ -135,7 +136,7 @@ def listener_config(settings: Settings) -> ListenerConfig:
     )
 
 
-class ReusePortAssociationServer(NoDelayThreadedAssociationServer):
+class ReusePortAssociationServer(LeanAssociationServer):
     """Binds with ``SO_REUSEPORT``, so several listener processes share one port.
 
     The kernel spreads incoming associations over the processes, which lifts the
@@ -150,14 +151,8 @@ class ReusePortAssociationServer(NoDelayThreadedAssociationServer):
 
 def start_server(settings: Settings, on_stored: Any, stats: ListenerStats, reuse_port: bool) -> Any:
     """Start the SCP in a background thread; return the server (``shutdown()`` stops it)."""
-    ae = make_ae(listener_config(settings))
-    server_class = ReusePortAssociationServer if reuse_port else NoDelayThreadedAssociationServer
-    server = ae.make_server((settings.bind, settings.port),
-                            evt_handlers=store_handlers(Spool(settings.spool), on_stored, stats),
-                            server_class=server_class)
-    ae._servers.append(server)  # pynetdicom's shutdown() removes it from there
-    threading.Thread(target=server.serve_forever, name="discus-acceptor", daemon=True).start()
-    return server
+    return start_listener(Spool(settings.spool), listener_config(settings), on_stored, stats,
+                          server_class=ReusePortAssociationServer if reuse_port else LeanAssociationServer)
 
 
 def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: bool = True) -> ListenerStats:
