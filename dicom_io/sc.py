@@ -25,6 +25,7 @@ also carry a letter, so the colour is never the only cue.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Any, Mapping, Sequence
@@ -76,8 +77,10 @@ _TEXT = (255, 255, 255)
 _REQUIRED_PIXEL_ATTRIBUTES = ("Rows", "Columns", "PixelData", "PhotometricInterpretation")
 
 
+@functools.lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # Pillow's bundled default font: no system font needed on the worker.
+    # Pillow's bundled default font: no system font needed on the worker. Loading it
+    # parses the font each time, so each size is loaded once per process.
     return ImageFont.load_default(size=size)
 
 
@@ -136,8 +139,9 @@ def _scale_factor(rows: int, columns: int) -> int:
     return int(min(4, max(1, math.ceil(TARGET_SHORT_SIDE / max(1, min(rows, columns))))))
 
 
-def _enlarge(grey: np.ndarray, factor: int) -> np.ndarray:
-    return np.kron(grey, np.ones((factor, factor), dtype=grey.dtype)) if factor > 1 else grey
+def _enlarge(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of rows and columns (grey or RGB) by ``factor``."""
+    return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image
 
 
 def blend_heatmap(grey: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
@@ -319,7 +323,9 @@ def encode_heatmap_sc(
         )
     grey = window_image(source, finding.image.frame)
     factor = _scale_factor(*shape)
-    rgb = blend_heatmap(_enlarge(grey, factor), _enlarge(heatmap.astype(np.float32), factor))
+    # Blending is per pixel and the enlargement repeats pixels, so blending at the source's
+    # size and enlarging the result gives the same image for factor**2 less work.
+    rgb = _enlarge(blend_heatmap(grey, heatmap.astype(np.float32)), factor)
     canvas, draw, height = _with_legend(rgb)
     width = rgb.shape[1]
     big, small = _font(max(14, width // 28)), _font(max(12, width // 40))

@@ -32,6 +32,8 @@ ANALYZE_TASK = "discus.analyze_study"
 EXPORT_TASK = "discus.export_object"
 #: Set by ``discus worker`` to the queues it consumes (comma-separated).
 QUEUES_ENV = "DISCUS_WORKER_QUEUES"
+#: Logged by an analysis process once it can take a study without start-up costs.
+READY_LINE = "analysis process ready"
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +90,10 @@ def _warm_models(**_: object) -> None:
         ModelPackages.shared(settings.model_dirs or None, device=settings.device)
     except Exception:  # a missing package is reported per study by the pipeline
         log.exception("model packages could not be loaded at start; the pipeline will report why")
+    try:
+        from dicom_io.outputs import warm_up
+
+        warm_up()  # the SR/SC encoders' first use costs about half a second
+    except Exception:  # only the first study's encoding is slower for it
+        log.exception("warming up the SR/SC encoders failed")
+    log.info("%s (pid %d): models loaded, SR/SC encoders warm", READY_LINE, os.getpid())

@@ -75,6 +75,17 @@ def wait_port(port: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def wait_ready(log: Path, timeout: float = 600) -> None:
+    """Wait until the worker's analysis process has loaded its models (start-up is not counted)."""
+    from worker.celery_app import READY_LINE
+
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and READY_LINE in log.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not get ready in {timeout} s (see {log})")
+        time.sleep(0.2)
+
+
 def storescu(port: int, files: list[Path], called: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
                              *map(str, files)], env=ENV, stdout=subprocess.DEVNULL,
@@ -200,6 +211,7 @@ def bench_latency(tmp: Path, quiet: float) -> None:
         d.start("listen")
         d.start("worker", "--queues", "analyze,export")
         wait_port(d.port)
+        wait_ready(d.tmp / f"worker-{d.port}.log")
         study_dir = tmp / "latency-study"
         try:
             from dicom_io.phantom import write_demo_study
@@ -212,7 +224,6 @@ def bench_latency(tmp: Path, quiet: float) -> None:
         files = sorted(p for p in study_dir.rglob("*.dcm"))
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         idx = StudyIndex.from_url(redis.url)
-        time.sleep(8)  # let the worker finish starting (imports) so it is not counted
         send_rate(d.port, [files], "DISCUS")
         t_sent = time.time()
         deadline = time.monotonic() + 600
@@ -263,12 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=4, help="listener processes for the concurrent run")
     parser.add_argument("--quiet", type=float, default=1.0, help="quiet period for the latency run")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "Orthanc", "redis-server"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (make install)")
     with tempfile.TemporaryDirectory(prefix="discus-bench-") as tmp:
-        bench_throughput(Path(tmp), args.instances, args.size, args.senders, args.processes)
+        if not args.skip_throughput:
+            bench_throughput(Path(tmp), args.instances, args.size, args.senders, args.processes)
         if not args.skip_latency:
             bench_latency(Path(tmp), args.quiet)
 
