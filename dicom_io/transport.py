@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
@@ -246,6 +247,85 @@ class LeanDIMSEServiceProvider(DIMSEServiceProvider):
         self.dul.send_pdu(pdata)
 
 
+_P_DATA_TF = 0x04
+
+
+def pdv_items(pdu: bytes | bytearray) -> list[tuple[int, memoryview]] | None:
+    """The presentation data values of an encoded P-DATA-TF PDU, without copying them.
+
+    Parameters
+    ----------
+    pdu : bytes-like
+        The whole PDU: type, reserved byte, 4-byte length, then PDV items (each a 4-byte
+        item length, the presentation context ID, and the message control header and
+        fragment).
+
+    Returns
+    -------
+    list of (int, memoryview) or None
+        ``(context ID, message control header + fragment)`` per item, views into
+        ``pdu``; ``None`` when the items do not add up to the PDU length or one is empty.
+    """
+    view = memoryview(pdu)
+    end = len(view)
+    if end < 6 or int.from_bytes(view[2:6], "big") != end - 6:
+        return None
+    items = []
+    pos = 6
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        if length < 2 or pos + 4 + length > end:
+            return None
+        items.append((view[pos + 4], view[pos + 5:pos + 4 + length]))
+        pos += 4 + length
+    return items or None
+
+
+class LeanDULServiceProvider(DULServiceProvider):
+    """DUL of a lean association: a P-DATA-TF in Sta6 goes straight to the DIMSE provider.
+
+    pynetdicom decodes each PDU into objects, copying its data three times, and runs it
+    through the state machine, where P-DATA-TF in Sta6 (established) does only that hand-
+    over (action DT-2) and stays in Sta6. Here the PDU is read with one ``recv_into`` and
+    its items are handed over as views. Anything else, or any PDU while handlers watch
+    PDUs or state transitions, takes pynetdicom's path.
+    """
+
+    def _read_pdu_data(self) -> None:
+        sock = self.socket
+        raw = sock.socket if sock is not None else None
+        if (raw is None or isinstance(raw, ssl.SSLSocket)
+                or self.state_machine.current_state != "Sta6"
+                or self.assoc.get_handlers(evt.EVT_PDU_RECV)
+                or self.assoc.get_handlers(evt.EVT_FSM_TRANSITION)):
+            super()._read_pdu_data()
+            return
+        try:
+            head = raw.recv(6, socket.MSG_PEEK)
+        except OSError:
+            head = b""
+        if len(head) < 6 or head[0] != _P_DATA_TF:
+            super()._read_pdu_data()  # it reads (and judges) the PDU itself
+            return
+        try:
+            pdu = sock.recv(6 + int.from_bytes(head[2:6], "big"))
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return
+        if len(pdu) < 6 or int.from_bytes(pdu[2:6], "big") != len(pdu) - 6:
+            self.event_queue.put("Evt17")  # closed before the whole PDU arrived
+            return
+        items = pdv_items(pdu)
+        if items is None:
+            self.event_queue.put("Evt19")  # invalid PDU
+            return
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.extend(items)  # type: ignore[arg-type]
+        self.assoc.dimse.receive_primitive(primitive)
+
+
 def _bind_intervention_defaults(target: Any) -> None:
     """Bind pynetdicom's default intervention handlers and none of its log handlers."""
     for event in evt._INTERVENTION_EVENTS:
@@ -261,6 +341,8 @@ class LeanAssociation(Association):
     def __init__(self, ae: Any) -> None:
         super().__init__(ae, MODE_ACCEPTOR)
         self.waker = _Waker()
+        self.dul = LeanDULServiceProvider(self)
+        self.acse_timeout, self.network_timeout = self.acse_timeout, self.network_timeout  # its timers
         self.dul.to_provider_queue = _WakingQueue(self.waker)
         self.dul._run_loop_delay = 0  # the DUL waits in LeanAssociationSocket.ready instead
         self.dimse = LeanDIMSEServiceProvider(self)

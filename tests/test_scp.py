@@ -363,3 +363,19 @@ def test_listener_associations_are_lean(listener: Running, tmp_path: Path) -> No
     for acceptor in acceptors:
         for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
             assert acceptor.get_handlers(event) == []
+
+
+def test_malformed_pdu_aborts_the_association_and_listener_goes_on(listener: Running, tmp_path: Path) -> None:
+    client = NoDelayAE(ae_title="DISCUS")
+    client.add_requested_context(sop_class.MRImageStorage, ExplicitVRLittleEndian)
+    assoc = client.associate("127.0.0.1", listener.port, ae_title="DISCUS")
+    assert assoc.is_established
+    # A P-DATA-TF whose only item claims more bytes than the PDU holds.
+    assoc.dul.socket.socket.sendall(b"\x04\x00\x00\x00\x00\x06\x00\x00\x00\x09\x01\x03")
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    paths = write_stack(tmp_path / "src", 1)
+    assert storescu(listener.port, paths).returncode == 0
+    assert len(listener.stored) == 1

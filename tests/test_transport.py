@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 import pytest
@@ -11,8 +12,9 @@ from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 
-from dicom_io.transport import LeanAssociation, LeanAssociationSocket, encode_store_response
+from dicom_io.transport import LeanAssociation, LeanAssociationSocket, encode_store_response, pdv_items
 
 
 def store_response(status: int, sop_instance_uid: str) -> C_STORE:
@@ -65,3 +67,29 @@ def test_lean_socket_reads_whole_pdus_and_stops_at_eof() -> None:
     finally:
         sender.join()
         sock.close()
+
+
+def p_data_tf(*items: tuple[int, bytes]) -> bytes:
+    body = b"".join(struct.pack(">LB", len(pdv) + 1, cid) + pdv for cid, pdv in items)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def test_pdv_items_are_pynetdicoms_decoding() -> None:
+    pdu = p_data_tf((1, b"\x03command"), (3, b"\x00" + bytes(range(256)) * 40))
+    decoded = P_DATA_TF()
+    decoded.decode(pdu)
+    expected = decoded.to_primitive().presentation_data_value_list
+    got = pdv_items(pdu)
+    assert got is not None
+    assert [(cid, bytes(data)) for cid, data in got] == [(cid, bytes(data)) for cid, data in expected]
+
+
+@pytest.mark.parametrize("pdu", [
+    p_data_tf((1, b"\x03abc"))[:-1],  # shorter than its PDU length
+    p_data_tf((1, b"\x03abc")) + b"\x00",  # longer
+    struct.pack(">BBL", 4, 0, 6) + struct.pack(">LB", 9, 1) + b"\x03",  # item runs past the end
+    struct.pack(">BBL", 4, 0, 5) + struct.pack(">LB", 1, 1),  # item with no header byte
+    struct.pack(">BBL", 4, 0, 0),  # no items
+])
+def test_malformed_p_data_tf_is_refused(pdu: bytes) -> None:
+    assert pdv_items(pdu) is None
