@@ -132,7 +132,7 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
 class LeanAssociationSocket(AssociationSocket):
     """An accepted association's socket that the DUL waits on instead of polling.
 
-    ``ready`` blocks in ``select`` for at most :data:`WAIT` seconds on the peer's socket and
+    ``ready`` blocks in ``poll`` for at most :data:`WAIT` seconds on the peer's socket and
     on the association's waker, so the DUL thread wakes as soon as the peer sends or a PDU
     is queued for sending. ``recv`` reads a whole PDU with ``recv_into``.
     """
@@ -140,6 +140,11 @@ class LeanAssociationSocket(AssociationSocket):
     def __init__(self, assoc: LeanAssociation, client_socket: socket.socket) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self._waker = assoc.waker
+        self._fd = client_socket.fileno()
+        # poll, not select: no limit on descriptor numbers (each association holds three).
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._poll.register(self._waker.reader, select.POLLIN)
 
     @property
     def ready(self) -> bool:
@@ -147,17 +152,21 @@ class LeanAssociationSocket(AssociationSocket):
         if sock is None or self._is_connected is False:
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True  # decrypted data select() cannot see
+            return True  # decrypted data poll() cannot see
         dul = self._assoc.dul
         pending = not dul.event_queue.empty() or not dul.to_provider_queue.empty()
         try:
-            readable, _, _ = select.select([sock, self._waker.reader], [], [], 0 if pending else WAIT)
+            events = self._poll.poll(0 if pending else WAIT * 1000)
         except (OSError, ValueError):
             self.event_queue.put("Evt17")  # Transport connection closed
             return False
-        if self._waker.reader in readable:
-            self._waker.drain()
-        return sock in readable
+        readable = False
+        for fd, _ in events:
+            if fd == self._fd:
+                readable = True  # data, or a hang-up or error that recv() will report
+            else:
+                self._waker.drain()
+        return readable
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
