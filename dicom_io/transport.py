@@ -9,13 +9,15 @@ The listener's associations are also *lean* (:class:`LeanAssociationServer`).
 pynetdicom polls: its DUL thread sleeps a millisecond whenever it finds nothing
 to do and its association thread sleeps a millisecond before every look for a
 message, so each C-STORE waits one to two milliseconds for nobody; it also
-reads PDUs in 4 KB pieces and binds log handlers that format (and copy) every
-message and PDU even when their logger drops the lines. A lean association
-waits in ``select`` on its socket and on a waker that a queued outgoing PDU
-writes to, waits for a DIMSE message on its queue instead of sleeping,
-reads each PDU with one ``recv_into``, encodes C-STORE responses directly and
-binds no log handlers. The association protocol, its state machine and the
-service classes are pynetdicom's, unchanged.
+reads PDUs in 4 KB pieces, decodes each P-DATA-TF into objects (copying the data
+three times), and binds log handlers that format (and copy) every message and
+PDU even when their logger drops the lines. A lean association waits in ``poll``
+on its socket and on a waker that a queued outgoing PDU writes to, waits for a
+DIMSE message on its queue instead of sleeping, reads each PDU with one
+``recv_into`` and hands P-DATA-TF items to the DIMSE provider as views,
+encodes C-STORE responses directly and binds no log handlers. Association
+negotiation, release, abort, timeouts, the state machine for everything but
+P-DATA in the established state, and the service classes are pynetdicom's.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
     AddressInformation,
@@ -47,6 +49,8 @@ from pynetdicom.transport import (
 
 #: Longest a lean association's threads wait for work before they look at timers and state again.
 WAIT = 0.005
+#: Largest piece of a PDU a lean association's socket allocates before it has arrived.
+RECV_STEP = 4 * 1024 * 1024
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -118,7 +122,7 @@ class _Waker:
 
 
 class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
-    """The DUL's queue of primitives to send; putting one wakes the DUL from ``select``."""
+    """The DUL's queue of primitives to send; putting one wakes the DUL from ``poll``."""
 
     def __init__(self, waker: _Waker) -> None:
         super().__init__()
@@ -127,6 +131,18 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         self._waker.wake()
+
+
+def _fill(sock: socket.socket, buffer: bytearray) -> int:
+    """Receive into ``buffer`` until it is full or the peer closes; return the bytes received."""
+    got = 0
+    with memoryview(buffer) as view:
+        while got < len(buffer):
+            n = sock.recv_into(view[got:])
+            if not n:
+                break
+            got += n
+    return got
 
 
 class LeanAssociationSocket(AssociationSocket):
@@ -171,16 +187,20 @@ class LeanAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
-        buffer = bytearray(nr_bytes)
+        # Memory follows what arrives, in pieces of at most RECV_STEP, so a PDU length a
+        # peer merely claims allocates little.
+        pieces = []
         got = 0
-        with memoryview(buffer) as view:
-            while got < nr_bytes:
-                n = sock.recv_into(view[got:])
-                if not n:  # connection closed: return what arrived, as pynetdicom does
-                    break
-                got += n
-        del buffer[got:]
-        return buffer
+        while got < nr_bytes:
+            piece = bytearray(min(nr_bytes - got, RECV_STEP))
+            n = _fill(sock, piece)
+            got += n
+            if n < len(piece):  # connection closed: return what arrived, as pynetdicom does
+                del piece[n:]
+                pieces.append(piece)
+                break
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else bytearray().join(pieces)
 
     def close(self) -> None:
         super().close()

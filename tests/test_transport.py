@@ -14,6 +14,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
+from dicom_io import transport
 from dicom_io.transport import LeanAssociation, LeanAssociationSocket, encode_store_response, pdv_items
 
 
@@ -49,7 +50,8 @@ def test_other_responses_left_to_pynetdicom() -> None:
     assert encode_store_response("not a primitive") is None
 
 
-def test_lean_socket_reads_whole_pdus_and_stops_at_eof() -> None:
+def test_lean_socket_reads_whole_pdus_and_stops_at_eof(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "RECV_STEP", 30_000)  # a PDU longer than one piece, too
     ours, peer = socket.socketpair()
     sock = LeanAssociationSocket(LeanAssociation(AE()), ours)
     payload = bytes(range(256)) * 1000
@@ -93,3 +95,14 @@ def test_pdv_items_are_pynetdicoms_decoding() -> None:
 ])
 def test_malformed_p_data_tf_is_refused(pdu: bytes) -> None:
     assert pdv_items(pdu) is None
+
+
+def test_claimed_pdu_length_is_not_allocated_up_front() -> None:
+    ours, peer = socket.socketpair()
+    sock = LeanAssociationSocket(LeanAssociation(AE()), ours)
+    peer.sendall(b"0123456789")
+    peer.close()
+    try:
+        assert sock.recv(10**12) == b"0123456789"  # a terabyte claimed, ten bytes sent
+    finally:
+        sock.close()
