@@ -520,6 +520,7 @@ class LevelLocalizer:
         post = self.config.get("postprocessing", {})
         self.threshold = float(post.get("peak_threshold", 0.3))
         self.anchor_threshold = float(post.get("anchor_threshold", 0.3))
+        self.caudal_anchor_ratio = float(post.get("caudal_anchor_ratio", 0.0))
         pre = self.config.get("preprocessing", {})
         self.pixel_mm = float(pre.get("pixel_mm", PIXEL_MM))
         self.grid_shape = tuple(pre.get("grid_shape", GRID_SHAPE))
@@ -646,6 +647,17 @@ class LevelLocalizer:
                                     "a weaker one was used and level names are uncertain")
                     break
         chain = regular_prefix(chain, px)
+        if self.caudal_anchor_ratio > 0:
+            # The lumbosacral junction is the lowest mobile disc: a junction candidate nearly as
+            # strong as the chosen one, lower down and with its own column of bodies above it, is it.
+            lower = [a for a in anchors if a.row > anchor.row + 15.0 / px
+                     and a.value >= self.caudal_anchor_ratio * anchor.value]
+            for alt in sorted(lower, key=lambda a: -a.row):
+                alt_chain = regular_prefix(chain_from_sacrum(alt, vert, px), px)
+                if len(alt_chain.peaks) >= MIN_BODIES:
+                    anchor, chain = alt, alt_chain
+                    trust = min(trust, alt.value)
+                    break
         if len(chain.peaks) < MIN_BODIES:
             return LocalizationResult(
                 reason=f"only {len(chain.peaks)} vertebral body(ies) found above the sacrum in a regular column; "

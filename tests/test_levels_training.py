@@ -243,3 +243,17 @@ def test_partly_labelled_cases_are_scored_on_what_is_labelled(tmp_path: Path) ->
     # discs: only the DISCS and S1 cases label them, and no disc is predicted
     assert m["per_level"]["L2-L3"]["n"] == 2
     assert scores[0].identified and all(k in loaded["DISCS"].discs for k in scores[0].identified)
+
+
+def test_negative_samples_have_no_targets_and_make_up_their_share() -> None:
+    from training.levels import NEGATIVE_FRACTION, LevelSamples, make_negative_sample
+
+    rng = np.random.default_rng(3)
+    for _ in range(9):  # every kind: noise, smooth field, blobs
+        x, y, m = make_negative_sample(rng)
+        assert x.shape == (3,) + TRAIN_SHAPE and np.isfinite(x).all() and x.max() > 0.5
+        assert y.max() == 0.0 and m.min() == 1.0  # all negative, all counted
+    ds = LevelSamples([phantom_case()], length=400, seed=1)
+    empty = sum(float(ds[i][1].max()) == 0.0 for i in range(len(ds)))
+    assert 0.5 * NEGATIVE_FRACTION * 400 <= empty <= 2.0 * NEGATIVE_FRACTION * 400
+    assert sum(float(LevelSamples([phantom_case()], 50, augment=False)[i][1].max()) == 0.0 for i in range(50)) == 0

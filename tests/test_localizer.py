@@ -116,9 +116,10 @@ class HeatmapOracle(nn.Module):
     """Stands in for the network: Gaussians at known patient points on the grid the localizer uses."""
 
     def __init__(self, points: dict[str, list[np.ndarray]], grid: SagittalGrid, candidates: list[int],
-                 normal: np.ndarray) -> None:
+                 normal: np.ndarray, heights: dict[str, list[float]] | None = None) -> None:
         super().__init__()
         self.points, self.grid, self.candidates, self.normal = points, grid, candidates, normal
+        self.heights = heights or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.grid.shape
@@ -127,10 +128,11 @@ class HeatmapOracle(nn.Module):
         for b, s in enumerate(self.candidates):
             plane = self.grid.pixel_to_patient([0], [0], [s])[0]
             for c, name in enumerate(CHANNELS):
-                for p in self.points.get(name, []):
+                heights = self.heights.get(name, [1.0] * len(self.points.get(name, [])))
+                for p, height in zip(self.points.get(name, []), heights):
                     r, q, _ = self.grid.patient_to_pixel(p)[0]
                     lr = float((p - plane) @ self.normal)
-                    amp = np.exp(-lr ** 2 / (2 * 6.0 ** 2))
+                    amp = height * np.exp(-lr ** 2 / (2 * 6.0 ** 2))
                     out[b, c] = np.maximum(out[b, c], amp * np.exp(-((rr - r) ** 2 + (qq - q) ** 2) / 2.9))
         return torch.from_numpy(out)
 
@@ -379,3 +381,24 @@ def test_fused_network_gives_the_same_heatmaps() -> None:
     x = torch.rand(2, 3, 40, 36)
     with torch.no_grad():
         np.testing.assert_allclose(fused(x).numpy(), net(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio,expect_shift", [(0.8, False), (0.0, True)])
+def test_a_lower_junction_nearly_as_strong_is_the_lumbosacral_one(ratio: float, expect_shift: bool) -> None:
+    """L4-L5 mistaken for the junction (strongest), the true L5-S1 a little weaker below it."""
+    aff = sagittal_affine()
+    loc, arr, truth = oracle_case(aff, top=6)
+    oracle = loc.net
+    oracle.points["lumbosacral"] = [truth["L4-L5"], truth["L5-S1"]]
+    oracle.heights = {"lumbosacral": [1.0, 0.9]}
+    loc = LevelLocalizer(oracle, {"postprocessing": {"caudal_anchor_ratio": ratio}})
+    res = loc(arr, aff)
+    got = res.by_name()
+    err = np.linalg.norm(np.asarray(got["L5"].point_mm) - truth["L5"])
+    if expect_shift:  # without the rule the strongest candidate wins and every name moves up one level
+        assert err > 20.0
+    else:
+        assert err < 2.5 and np.linalg.norm(np.asarray(got["L5-S1"].point_mm) - truth["L5-S1"]) < 2.5
+    # either way two candidate junctions make the names uncertain, and that is said
+    assert any("transitional" in w for w in res.warnings)
+    assert max(p.confidence for p in res.points) <= 0.5

@@ -48,12 +48,18 @@ TRAIN_SHAPE: tuple[int, int] = (96, 80)
 SIGMA_PX = 1.5
 #: Share of training samples drawn from synthetic phantom series (the product's own demo data).
 PHANTOM_FRACTION = 0.35
+#: Share of training samples with no spine at all (noise, smooth fields, random blobs), all-zero
+#: targets: without them the network finds a regular column of "vertebrae" in pure noise.
+NEGATIVE_FRACTION = 0.1
 #: Optimiser steps of every model of ``discus train levels`` (each fold's and the shipped one).
 TRAIN_STEPS = 2000
 #: Decay of the exponential moving average of the weights that a training run returns.
 EMA_DECAY = 0.995
 #: Minimum height of the lumbosacral (anchor) heatmap peak; below it no level is named.
 ANCHOR_THRESHOLD = 0.45
+#: A junction candidate at least this share as strong as the strongest, lower down and with a
+#: column of bodies above it, is taken as L5-S1 (the lowest mobile disc); see models.localizer.
+CAUDAL_ANCHOR_RATIO = 0.8
 #: Version written into packages trained by this module.
 VERSION = "1.2.0"
 #: Left-right fall-off of target heights (mm): the network learns to peak on the mid-plane.
@@ -356,20 +362,54 @@ def make_phantom_sample(slab: PhantomSlab, rng: np.random.Generator, shape: tupl
     return np.ascontiguousarray(x, dtype=np.float32), y, np.ones_like(y)
 
 
+def make_negative_sample(rng: np.random.Generator, shape: tuple[int, int] = TRAIN_SHAPE
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A three-image input without a spine (targets all zero): noise, a smooth field or random blobs."""
+    h, w = shape
+    kind = int(rng.integers(3))
+    if kind == 0:  # noise, white or smoothed to a random grain
+        x = np.abs(rng.normal(1.0, rng.uniform(0.1, 0.6), (3, h, w)))
+        s = rng.uniform(0.0, 2.5)
+        if s > 0.3:
+            x = ndimage.gaussian_filter(x, (0, s, s))
+    elif kind == 1:  # smooth low-frequency field (fat, muscle, bowel at low resolution) plus noise
+        coarse = rng.random((3, 1 + int(rng.integers(2, 8)), 1 + int(rng.integers(2, 8))))
+        x = np.stack([ndimage.zoom(c, (h / c.shape[0], w / c.shape[1]), order=3)[:h, :w] for c in coarse])
+        x = x + rng.normal(0, 0.05, x.shape)
+    else:  # random ellipses of random brightness, as organs or a non-spine field of view
+        x = np.full((3, h, w), rng.uniform(0.1, 0.4))
+        rr, qq = np.mgrid[0:h, 0:w]
+        for _ in range(int(rng.integers(3, 15))):
+            r0, q0 = rng.uniform(0, h), rng.uniform(0, w)
+            a, b = rng.uniform(2, 20, 2)
+            t = rng.uniform(0, math.pi)
+            dr, dq = rr - r0, qq - q0
+            inside = ((dr * math.cos(t) + dq * math.sin(t)) / a) ** 2 + ((-dr * math.sin(t) + dq * math.cos(t)) / b) ** 2 < 1
+            x[:, inside] = rng.uniform(0, 1)
+        x = x + rng.normal(0, 0.05, x.shape)
+    x = normalise(np.clip(x, 1e-3, None).astype(np.float32))
+    x = augment_intensity(x, x > 0, rng)
+    y = np.zeros((len(CHANNELS), h, w), np.float32)
+    return x.astype(np.float32), y, np.ones_like(y)
+
+
 class LevelSamples(torch.utils.data.Dataset):
     """Random training samples from cases (``length`` draws per epoch).
 
-    With ``phantoms``, a share ``phantom_fraction`` of the samples comes from them.
+    With ``phantoms``, a share ``phantom_fraction`` of the samples comes from them; a share
+    ``negative_fraction`` of augmented samples has no spine at all (:func:`make_negative_sample`).
     """
 
     def __init__(self, cases: Sequence[LevelCase], length: int, seed: int = 0, augment: bool = True,
-                 phantoms: Sequence[PhantomSlab] = (), phantom_fraction: float = PHANTOM_FRACTION) -> None:
+                 phantoms: Sequence[PhantomSlab] = (), phantom_fraction: float = PHANTOM_FRACTION,
+                 negative_fraction: float = NEGATIVE_FRACTION) -> None:
         if not cases:
             raise ValueError("cases: need at least one case")
         if not 0.0 <= phantom_fraction <= 1.0:
             raise ValueError(f"phantom_fraction: must be in [0, 1], got {phantom_fraction!r}")
         self.cases, self.length, self.seed, self.augment = list(cases), int(length), int(seed), augment
         self.phantoms, self.phantom_fraction = list(phantoms), float(phantom_fraction)
+        self.negative_fraction = float(negative_fraction)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -377,7 +417,9 @@ class LevelSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, idx])
-        if self.phantoms and rng.random() < self.phantom_fraction:
+        if self.augment and rng.random() < self.negative_fraction:
+            x, y, m = make_negative_sample(rng)
+        elif self.phantoms and rng.random() < self.phantom_fraction:
             slab = self.phantoms[int(rng.integers(len(self.phantoms)))]
             x, y, m = make_phantom_sample(slab, rng, augment=self.augment)
         else:
@@ -704,7 +746,8 @@ def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], m
         "preprocessing": {"pixel_mm": PIXEL_MM, "grid_shape": list(GRID_SHAPE), "slab_mm": SLAB_MM,
                           "normalise": "1st-99.5th percentile of non-zero pixels to 0-1",
                           "channels": "image with its two neighbouring slices"},
-        "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": anchor_threshold},
+        "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": anchor_threshold,
+                           "caudal_anchor_ratio": CAUDAL_ANCHOR_RATIO},
         "model_kwargs": {"widths": list(net.widths)},
         "training": training,
         "metrics": metrics,
