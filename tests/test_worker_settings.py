@@ -67,3 +67,19 @@ def test_env_file_is_read_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     cfg.write_text('DISCUS_PORT=12345\nDISCUS_DESTINATIONS=[{"name": "p", "port": 104}]\n')
     s = Settings.load(cfg)
     assert s.port == 12345 and s.destination("p").port == 104
+
+
+def test_analysis_options_come_from_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.analysis import AnalysisOptions
+
+    monkeypatch.delenv("DISCUS_CONFIG", raising=False)
+    assert AnalysisOptions.from_settings(Settings()) == AnalysisOptions()  # unset keeps the defaults
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('heatmap_min_severity = 2\ngraded_levels = ["L4-L5", "L5-S1"]\n')
+    monkeypatch.setenv("DISCUS_MAX_BATCH", "4")
+    opts = AnalysisOptions.from_settings(Settings.load(cfg))
+    assert (opts.heatmap_min_severity, opts.max_batch, opts.graded_levels) == (2, 4, ("L4-L5", "L5-S1"))
+    with pytest.raises(ValidationError):
+        Settings(heatmap_min_severity=4)
+    with pytest.raises(ValueError, match="graded_levels"):
+        AnalysisOptions.from_settings(Settings(graded_levels=["L9-L10"]))

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     model_dirs: list[Path] = Field(default_factory=list)  # default: models/packages
     device: str | None = None  # torch device for the models ("cpu", "cuda"); None: each package's
     write_not_performed_sr: bool = True
+    # Analysis options (worker.analysis.AnalysisOptions); None keeps that class's default
+    heatmap_min_severity: int | None = Field(default=None, ge=0, le=3)  # Grad-CAM from this grade index
+    slice_tolerance_mm: float | None = Field(default=None, gt=0)  # crop centre to source image, at most
+    low_confidence: float | None = Field(default=None, ge=0, le=1)  # level points below it are warned of
+    max_batch: int | None = Field(default=None, ge=1)  # crops per forward pass
+    graded_levels: list[str] | None = None  # disc levels graded, e.g. ["L3-L4", "L4-L5", "L5-S1"]
     attempt_cap: int = Field(default=3, ge=1)
     analyze_soft_time_limit: float = Field(default=600.0, gt=0)
     analyze_time_limit: float = Field(default=660.0, gt=0)
