@@ -15,7 +15,13 @@ whole MR study renders in about a second.
 Findings are placed where their clinical definition puts them:
 
 - disc bulging: circumferential extension of the disc beyond the vertebral margins;
-- disc herniation: focal posterior (posterolateral on ``disc_side``) protrusion;
+- disc herniation: focal protrusion behind the posterior disc margin, posterolateral on
+  ``disc_side`` (centred 0.42 canal widths, 8-12 mm, off the midline, its medial edge at least
+  2 mm from it) or central;
+- disc degeneration: every bulging or herniated disc is degenerated (dark nucleus on T2, lower
+  height); 40% of normal discs have a desiccated nucleus (dark on T2 and STIR, unchanged on T1,
+  CT and radiographs, no height loss, as in many asymptomatic people), so that a dark nucleus
+  alone does not make a disc abnormal;
 - spinal canal stenosis: thecal sac cross-section at the disc reduced by about a
   third to two thirds (moderate) or more than two thirds with CSF obliterated
   (severe);
@@ -42,6 +48,8 @@ from scipy import ndimage
 from dicom_io.results import DISCS as ALL_DISCS
 from dicom_io.results import VERTEBRAE as ALL_VERTEBRAE
 
+#: Changes whenever a seed renders differently (caches of rendered data key on it).
+PHANTOM_VERSION = 2
 #: Disc levels that get findings by default (the lumbar discs).
 LUMBAR_DISCS: tuple[str, ...] = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 DISC_GRADES: tuple[str, ...] = ("normal", "bulging", "herniation")
@@ -53,6 +61,10 @@ SIDES: tuple[str, ...] = ("L", "R", "C")
 _CANAL_AREA = {"normal_mild": (0.82, 1.0), "moderate": (0.4, 0.6), "severe": (0.1, 0.22)}
 #: Fraction of the foraminal fat ellipse kept, per foraminal grade.
 _FORAMEN_KEEP = {"normal_mild": (0.9, 1.0), "moderate": (0.55, 0.65), "severe": (0.25, 0.32)}
+#: Centre of a lateral herniation from the midline, as a fraction of the canal width.
+_HERNIATION_X = 0.42
+#: Fraction of normal discs with a desiccated (dark) nucleus.
+_DESICCATED = 0.4
 #: How far (mm from the midline) the lateral recess is filled, per subarticular grade.
 _RECESS_FILL = {"normal_mild": None, "moderate": 0.55, "severe": 0.1}
 
@@ -76,6 +88,7 @@ class Tissue(enum.IntEnum):
     LIGAMENT = 13
     VESSEL = 14
     FORAMEN_FAT = 15
+    NUCLEUS_DESICCATED = 16  # a normal disc's dry nucleus: dark on T2 and STIR only
 
 
 # Intensity per tissue and contrast. MR in arbitrary units (0..~1000), CT in HU,
@@ -86,28 +99,28 @@ _LUT: dict[str, dict[Tissue, float]] = {
         Tissue.CORTEX: 45, Tissue.MARROW: 330, Tissue.ANNULUS: 140, Tissue.NUCLEUS: 820,
         Tissue.NUCLEUS_DEGENERATED: 230, Tissue.HERNIATION: 420, Tissue.CSF: 960,
         Tissue.NERVE: 260, Tissue.EPIDURAL_FAT: 580, Tissue.LIGAMENT: 80, Tissue.VESSEL: 60,
-        Tissue.FORAMEN_FAT: 560,
+        Tissue.FORAMEN_FAT: 560, Tissue.NUCLEUS_DESICCATED: 230,
     },
     "T1": {
         Tissue.AIR: 0, Tissue.FAT: 880, Tissue.MUSCLE: 300, Tissue.VISCERA: 360,
         Tissue.CORTEX: 45, Tissue.MARROW: 560, Tissue.ANNULUS: 270, Tissue.NUCLEUS: 340,
         Tissue.NUCLEUS_DEGENERATED: 260, Tissue.HERNIATION: 290, Tissue.CSF: 110,
         Tissue.NERVE: 310, Tissue.EPIDURAL_FAT: 820, Tissue.LIGAMENT: 130, Tissue.VESSEL: 80,
-        Tissue.FORAMEN_FAT: 830,
+        Tissue.FORAMEN_FAT: 830, Tissue.NUCLEUS_DESICCATED: 340,
     },
     "STIR": {
         Tissue.AIR: 0, Tissue.FAT: 70, Tissue.MUSCLE: 150, Tissue.VISCERA: 260,
         Tissue.CORTEX: 30, Tissue.MARROW: 120, Tissue.ANNULUS: 150, Tissue.NUCLEUS: 720,
         Tissue.NUCLEUS_DEGENERATED: 220, Tissue.HERNIATION: 400, Tissue.CSF: 950,
         Tissue.NERVE: 260, Tissue.EPIDURAL_FAT: 90, Tissue.LIGAMENT: 60, Tissue.VESSEL: 50,
-        Tissue.FORAMEN_FAT: 90,
+        Tissue.FORAMEN_FAT: 90, Tissue.NUCLEUS_DESICCATED: 220,
     },
     "CT": {
         Tissue.AIR: -1000, Tissue.FAT: -100, Tissue.MUSCLE: 50, Tissue.VISCERA: 35,
         Tissue.CORTEX: 1100, Tissue.MARROW: 230, Tissue.ANNULUS: 95, Tissue.NUCLEUS: 75,
         Tissue.NUCLEUS_DEGENERATED: 85, Tissue.HERNIATION: 90, Tissue.CSF: 10,
         Tissue.NERVE: 35, Tissue.EPIDURAL_FAT: -90, Tissue.LIGAMENT: 70, Tissue.VESSEL: 42,
-        Tissue.FORAMEN_FAT: -90,
+        Tissue.FORAMEN_FAT: -90, Tissue.NUCLEUS_DESICCATED: 75,
     },
 }
 
@@ -266,6 +279,19 @@ class Disc:
     foramen_keep: tuple[float, float] = (1.0, 1.0)  # left, right
     bulge_mm: float = 0.0
     herniation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # radii x, y, z
+    desiccated: bool = False  # dry nucleus, dark on T2/STIR only, full height (normal discs only)
+
+    @property
+    def dark_nucleus(self) -> bool:
+        """Whether the nucleus is dark on T2 (degenerated or desiccated)."""
+        return self.degeneration > 0.5 or self.desiccated
+
+    @property
+    def nucleus(self) -> Tissue:
+        """The nucleus's label."""
+        if self.degeneration > 0.5:
+            return Tissue.NUCLEUS_DEGENERATED
+        return Tissue.NUCLEUS_DESICCATED if self.desiccated else Tissue.NUCLEUS
 
 
 @dataclass
@@ -514,7 +540,10 @@ def make_anatomy(
         )
 
     discs: dict[str, Disc] = {}
-    for dn in disc_names:
+    # Desiccated normal discs come from their own stream (one draw per disc, whatever the
+    # findings), so the rest of the anatomy is what the main stream makes of the seed.
+    dry = np.random.default_rng([int(seed), 0xD15C]).random(len(disc_names)) < _DESICCATED
+    for k_disc, dn in enumerate(disc_names):
         up, lo = dn.split("-")
         raw = discs_raw[dn]
         va, vb = vertebrae[up], vertebrae[lo]
@@ -524,7 +553,7 @@ def make_anatomy(
         keep = tuple(float(rng.uniform(*_FORAMEN_KEEP[g])) for g in (f.foramen_left, f.foramen_right))
         herniation = (0.0, 0.0, 0.0)
         if f.disc == "herniation":
-            herniation = (float(rng.uniform(4.5, 6.5)), float(rng.uniform(4.0, 5.5)),
+            herniation = (float(rng.uniform(3.8, 5.5)), float(rng.uniform(4.0, 5.5)),
                           float(rng.uniform(4.0, 6.0)))
         discs[dn] = Disc(
             name=dn, centre=centre, frame=rmat @ _frame(rmat.T @ axis / np.linalg.norm(axis)),
@@ -534,7 +563,7 @@ def make_anatomy(
             canal_depth=(va.canal_depth + vb.canal_depth) / 2.0, findings=f,
             canal_area=float(rng.uniform(*_CANAL_AREA[f.canal])), foramen_keep=keep,  # type: ignore[arg-type]
             bulge_mm=float(rng.uniform(2.5, 4.0)) if f.disc == "bulging" else 0.0,
-            herniation_mm=herniation,
+            herniation_mm=herniation, desiccated=bool(f.disc == "normal" and dry[k_disc]),
         )
 
     # Fused sacral segments S2-S4 continue below S1 with a kyphotic curve.
@@ -778,10 +807,10 @@ def _paint_disc(g: _Grid, d: Disc) -> None:
         disc |= (rb <= 1.0) & (np.abs(z) <= hgt / 2 * 0.85)
     lab[disc] = Tissue.ANNULUS
     nuc = disc & (_sq(x, a * 0.62) + _sq(y - 1.0, b * 0.6) <= 1.0) & (np.abs(z) <= hgt * 0.36)
-    lab[nuc] = Tissue.NUCLEUS_DEGENERATED if d.degeneration > 0.5 else Tissue.NUCLEUS
+    lab[nuc] = d.nucleus
     if hx > 0:
         side = {"L": 1.0, "R": -1.0, "C": 0.0}[d.findings.disc_side]
-        herniation = (_sq(x - side * 7.0, hx) + _sq(y - (b + 1.0), hy + 1.0)
+        herniation = (_sq(x - side * _HERNIATION_X * d.canal_width, hx) + _sq(y - (b + 1.0), hy + 1.0)
                       + _sq(z + 0.5, hz) <= 1.0) & (y > 0)
         lab[herniation] = Tissue.HERNIATION
     # Neural foramina: teardrop of fat between the pedicles, root in its upper part.
@@ -1208,6 +1237,7 @@ _MU: dict[Tissue, float] = {
     Tissue.CORTEX: 0.075, Tissue.MARROW: 0.032, Tissue.ANNULUS: 0.022, Tissue.NUCLEUS: 0.021,
     Tissue.NUCLEUS_DEGENERATED: 0.022, Tissue.HERNIATION: 0.022, Tissue.CSF: 0.02, Tissue.NERVE: 0.02,
     Tissue.EPIDURAL_FAT: 0.017, Tissue.LIGAMENT: 0.022, Tissue.VESSEL: 0.021, Tissue.FORAMEN_FAT: 0.017,
+    Tissue.NUCLEUS_DESICCATED: 0.021,
 }
 
 

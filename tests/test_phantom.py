@@ -21,7 +21,7 @@ from dicom_io.phantom import (
 )
 
 BONE = (Tissue.MARROW, Tissue.CORTEX)
-DISC = (Tissue.ANNULUS, Tissue.NUCLEUS, Tissue.NUCLEUS_DEGENERATED)
+DISC = (Tissue.ANNULUS, Tissue.NUCLEUS, Tissue.NUCLEUS_DEGENERATED, Tissue.NUCLEUS_DESICCATED)
 
 
 def plane_at(anat: Anatomy, disc: str, *, lateral: float = 0.0, sagittal: bool = False,
@@ -197,7 +197,38 @@ def test_herniation_is_posterior_and_on_its_side(disc_side: str, sign: float) ->
     if sign == 0.0:
         assert abs(x_mm) < 2.0
     else:
-        assert sign * x_mm > 4.0
+        # posterolateral: centred well off the midline, and no part of it on the other side
+        assert sign * x_mm > 7.0
+        assert sign * ((cols.min() if sign > 0 else cols.max()) - half) * 0.5 > 1.5
+
+
+def phantom_lut() -> dict:
+    from dicom_io import phantom
+
+    return phantom._LUT
+
+
+def test_normal_discs_are_sometimes_desiccated_abnormal_ones_always_dark() -> None:
+    seeds = range(40)
+    dark = [make_anatomy(s).discs[d].dark_nucleus for s in seeds for d in LUMBAR_DISCS]
+    assert 0.3 < np.mean(dark) < 0.6  # a dark nucleus alone does not mean an abnormal disc
+    f = {"L2-L3": LevelFindings(disc="bulging"), "L4-L5": LevelFindings(disc="herniation", disc_side="L")}
+    for s in seeds[:10]:
+        normal, abnormal = make_anatomy(s), make_anatomy(s, f)
+        assert abnormal.discs["L2-L3"].dark_nucleus and abnormal.discs["L4-L5"].dark_nucleus
+        # desiccation draws from its own stream: findings elsewhere do not change it
+        assert normal.discs["L1-L2"].desiccated == abnormal.discs["L1-L2"].desiccated
+        assert normal.discs["L3-L4"].desiccated == abnormal.discs["L3-L4"].desiccated
+    # desiccation darkens the nucleus on T2 only, without flattening the disc
+    dry = next((s, d) for s in seeds for d in LUMBAR_DISCS
+               if make_anatomy(s).discs[d].desiccated and make_anatomy(s).discs[d].degeneration <= 0.5)
+    an = make_anatomy(dry[0])
+    lab, _ = plane_at(an, dry[1])
+    assert (lab == Tissue.NUCLEUS_DESICCATED).sum() > 100 and not (lab == Tissue.NUCLEUS).any()
+    lut = phantom_lut()
+    assert lut["T2"][Tissue.NUCLEUS_DESICCATED] == lut["T2"][Tissue.NUCLEUS_DEGENERATED]
+    for contrast in ("T1", "CT"):
+        assert lut[contrast][Tissue.NUCLEUS_DESICCATED] == lut[contrast][Tissue.NUCLEUS]
 
 
 def test_bulging_extends_the_disc_circumferentially() -> None:

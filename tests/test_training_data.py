@@ -125,6 +125,25 @@ def test_synthetic_crops_follow_ground_truth() -> None:
     np.testing.assert_array_equal(again.images, canal.images[:5])
 
 
+def test_crop_cache_is_keyed_by_the_phantom_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.synthetic as syn
+    from dicom_io import phantom
+
+    made = []
+
+    def fake(tasks, seeds, **kw):
+        made.append(list(seeds))
+        return {t: CropSet(np.zeros((1, 8, 8)), [0], ["seed0"], ["a", "b", "c"], [{}]) for t in tasks}
+
+    monkeypatch.setattr(syn, "synthetic_crops", fake)
+    syn.cached_synthetic_crops(tmp_path, ["mr_disc"], range(2))
+    syn.cached_synthetic_crops(tmp_path, ["mr_disc"], range(2))
+    assert len(made) == 1  # served from the cache
+    monkeypatch.setattr(phantom, "PHANTOM_VERSION", phantom.PHANTOM_VERSION + 1)
+    syn.cached_synthetic_crops(tmp_path, ["mr_disc"], range(2))
+    assert len(made) == 2  # a changed phantom renders again
+
+
 def test_crop_set_save_load_subset(tmp_path: Path) -> None:
     s = CropSet(np.zeros((4, 8, 8)), [0, 1, 2, 1], ["a", "a", "b", "c"], ["x", "y", "z"], [{"i": i} for i in range(4)])
     s.save(tmp_path / "s.npz")

@@ -217,19 +217,25 @@ def synthetic_crops(
         r = rows[t]
         out[t] = CropSet(np.stack([a for a, _, _ in r]), np.array([b for _, b, _ in r]),
                          np.array([f"seed{m['seed']}" for _, _, m in r]), list(spec.class_names),
-                         [m for _, _, m in r], source=f"synthetic phantom studies, seeds {seeds[0]}..{seeds[-1]}")
+                         [m for _, _, m in r], source=f"synthetic phantom studies (phantom version "
+                         f"{phantom.PHANTOM_VERSION}), seeds {seeds[0]}..{seeds[-1]}")
     return out
 
 
 def cached_synthetic_crops(cache_dir: str | Path, tasks: Iterable[str], seeds: Iterable[int], **kwargs: Any) -> dict[str, CropSet]:
-    """:func:`synthetic_crops`, cached as ``.npz`` per task under ``cache_dir``."""
+    """:func:`synthetic_crops`, cached as ``.npz`` per task under ``cache_dir``.
+
+    The cache key holds the task, seeds, options and the phantom's version, so a
+    changed phantom never serves crops rendered by an older one.
+    """
     tasks, seeds = list(tasks), [int(s) for s in seeds]
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in kwargs.items() if k not in ("workers", "progress")}
 
     def key(t: str) -> Path:
-        h = hashlib.sha256(json.dumps([t, seeds, params, task_spec(t).crop_px], sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps([t, seeds, params, task_spec(t).crop_px, phantom.PHANTOM_VERSION],
+                                      sort_keys=True).encode())
         return cache / f"{t}-{h.hexdigest()[:16]}.npz"
 
     missing = [t for t in tasks if not key(t).is_file()]
