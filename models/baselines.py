@@ -2,7 +2,10 @@
 
 Always built with random weights (``pretrained=False``): no hub weights exist on
 the machines this runs on, so "fine-tuning" starts from a checkpoint of our own.
-Grad-CAM looks at the last convolutional stage, as paper C does.
+Grad-CAM looks at the last convolutional stage, as paper C does; the multi-layer
+variant averages it with the stages before it (for a ResNet the last block of
+layers 2, 3 and 4, which share one grid when the network is built with
+``output_stride=8``).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class TimmClassifier(Classifier):
 
 
 def _resnet_cam(net: nn.Module, multilayer: bool) -> list[nn.Module]:
-    return [net.layer3[-1], net.layer4[-1]] if multilayer else [net.layer4[-1]]
+    return [net.layer2[-1], net.layer3[-1], net.layer4[-1]] if multilayer else [net.layer4[-1]]
 
 
 #: Reduced widths of the same topology, for tests and quick experiments.

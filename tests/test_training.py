@@ -143,9 +143,15 @@ def test_cli_train_and_evaluate(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(train_app, ["mr_foramen", "--source", "manifest", "--data", str(tmp_path / "train.npz"),
                                     "--holdout", str(tmp_path / "held.npz"), "--arch", "resnet18", "--small",
-                                    "--folds", "2", "--epochs", "2", "--out", str(tmp_path / "pkg")])
+                                    "--folds", "2", "--epochs", "2", "--out", str(tmp_path / "pkg"),
+                                    "--model-kwargs", '{"output_stride": 8}', "--multilayer-cam"])
     assert res.exit_code == 0, res.output
-    assert verify_package(tmp_path / "pkg").task == "mr_foramen"
+    cfg = verify_package(tmp_path / "pkg")
+    assert cfg.task == "mr_foramen"
+    # builder arguments and the Grad-CAM choice travel with the weights
+    assert cfg.model_kwargs["output_stride"] == 8 and cfg.explain == {"multilayer": True}
+    res = runner.invoke(train_app, ["mr_foramen", "--model-kwargs", "{output_stride: 8}"])
+    assert res.exit_code != 0 and "--model-kwargs" in res.output
     res = runner.invoke(evaluate_app, ["mr_foramen", "--package", str(tmp_path / "pkg"), "--source", "manifest",
                                        "--data", str(tmp_path / "held.npz"), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output

@@ -102,6 +102,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += _metrics_table(held)
     else:
         lines.append("No separate held-out set; the metrics in config.json are the cross-validation means.")
+    placement = card.get("evaluation", {}).get("heatmap_placement")
+    if placement:
+        lines += ["", "## Heatmap placement", "", placement["text"]]
     plots = card.get("evaluation", {}).get("plots", [])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]

@@ -73,6 +73,10 @@ def _train_command(task: str) -> Callable[..., None]:
         out: Path = typer.Option(None, help="Package directory (default var/packages/<task>)."),
         arch: str = typer.Option(DEFAULT_ARCH[task], help="Registered architecture."),
         small: bool = typer.Option(False, help="Use the architecture's reduced configuration."),
+        model_kwargs: str = typer.Option(None, help="Extra builder arguments as JSON, e.g. "
+                                         "'{\"output_stride\": 8}' for a finer Grad-CAM grid of a timm CNN."),
+        multilayer_cam: bool = typer.Option(None, "--multilayer-cam/--single-layer-cam",
+                                            help="Grad-CAM over several layers (default: only for vit_ldh)."),
         crop_px: int = typer.Option(None, min=8, help="Crop side in pixels, also the network input (default "
                                     f"{TASKS[task].crop_px}; paper A and C used 224)."),
         folds: int = typer.Option(5, min=1, help="Stratified folds grouped by patient (1: one 80:20 split)."),
@@ -96,6 +100,12 @@ def _train_command(task: str) -> Callable[..., None]:
         from training.loop import TrainSettings
         from training.trainer import train_task
 
+        try:
+            extra = json.loads(model_kwargs) if model_kwargs else None
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"--model-kwargs: not JSON: {exc}") from exc
+        if extra is not None and not isinstance(extra, dict):
+            raise typer.BadParameter(f"--model-kwargs: expected a JSON object, got {model_kwargs!r}")
         crops = _load(task, source, data, seeds, 0, cache, workers, crop_px)
         held = None
         if holdout is not None:
@@ -108,7 +118,9 @@ def _train_command(task: str) -> Callable[..., None]:
             class_weighting=class_weighting, seed=seed, device=device, threads=threads,
         )
         target = out or Path("var/packages") / task
-        cfg, cv = train_task(task, crops, target, arch, settings, small=small, folds=folds, holdout=held,
+        explain = None if multilayer_cam is None else {"multilayer": multilayer_cam}
+        cfg, cv = train_task(task, crops, target, arch, settings, small=small, model_kwargs=extra,
+                             explain=explain, folds=folds, holdout=held,
                              version=version, fp16=fp16, synthetic=source is Source.synthetic,
                              checkpoint_dir=target / "checkpoints", resume=resume)
         typer.echo(json.dumps({"package": str(target), "cv": cv.summary, "metrics": cfg.metrics}, indent=2))

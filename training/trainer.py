@@ -80,6 +80,7 @@ def train_task(
     *,
     small: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    explain: dict[str, Any] | None = None,
     folds: int = 5,
     holdout: CropSet | None = None,
     version: str = "0.1.0",
@@ -107,6 +108,8 @@ def train_task(
         Use the architecture's reduced configuration (said so in the card).
     model_kwargs : dict, optional
         Extra builder arguments.
+    explain : dict, optional
+        The config's Grad-CAM settings (default: multi-layer for ``vit_ldh`` only).
     folds : int
         Cross-validation folds (1: one 80:20 split).
     holdout : CropSet, optional
@@ -139,7 +142,7 @@ def train_task(
         name=name or f"discus-{task.replace('_', '-')}", architecture=architecture, task=task, version=version,
         input_size=(crop_px, crop_px), in_chans=1, class_names=list(spec.class_names),
         preprocessing=preprocessing, model_kwargs=kwargs,
-        explain={"multilayer": architecture == "vit_ldh"},
+        explain=dict(explain) if explain is not None else {"multilayer": architecture == "vit_ldh"},
     )
     pre = Preprocessor.from_config(draft)
 
