@@ -97,3 +97,16 @@ def test_exports_finishing_before_mark_exporting_stay_done(redis_url: str) -> No
     index.exported("6.6", 1, "pacs", "sr.dcm")
     index.mark_exporting("6.6", 1)
     assert index.job("6.6", 1)["state"] == "done"
+
+
+@pytest.mark.integration
+def test_connect_producer_declares_the_analyze_queue(redis_url: str) -> None:
+    import redis
+
+    from worker.celery_app import ANALYZE_QUEUE, connect_producer, make_celery
+
+    r = redis.Redis.from_url(redis_url)
+    r.delete(f"_kombu.binding.{ANALYZE_QUEUE}")
+    celery = make_celery(Settings(redis_url=redis_url))
+    connect_producer(celery)
+    assert r.exists(f"_kombu.binding.{ANALYZE_QUEUE}")

@@ -172,6 +172,12 @@ def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: b
                           reuse_port=settings.listener_processes > 1)
     watcher = StabilityMonitor(index, settings) if monitor else None
     if watcher is not None:
+        try:
+            from worker.celery_app import connect_producer
+
+            connect_producer()
+        except Exception:  # the monitor's first send connects (and retries) by itself
+            log.warning("could not connect to the broker yet", exc_info=True)
         watcher.start()
 
     def _signal(signum: int, _frame: Any) -> None:
