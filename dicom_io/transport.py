@@ -177,16 +177,19 @@ class LeanAssociationSocket(AssociationSocket):
             self.event_queue.put("Evt17")  # Transport connection closed
             return False
         readable = False
-        for fd, _ in events:
+        for fd, event in events:
             if fd == self._fd:
-                readable = True  # data, or a hang-up or error that recv() will report
+                # Data, or a hang-up or error that recv() will report; not a descriptor
+                # closed under us (POLLNVAL), which close() reports itself.
+                readable = not event & select.POLLNVAL
             else:
                 self._waker.drain()
-        return readable
+        return readable and self.socket is not None and self._is_connected
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
-        assert sock is not None
+        if sock is None:  # closed meanwhile: nothing arrives any more
+            return bytearray()
         # Memory follows what arrives, in pieces of at most RECV_STEP, so a PDU length a
         # peer merely claims allocates little.
         pieces = []
