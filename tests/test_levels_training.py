@@ -257,3 +257,10 @@ def test_negative_samples_have_no_targets_and_make_up_their_share() -> None:
     empty = sum(float(ds[i][1].max()) == 0.0 for i in range(len(ds)))
     assert 0.5 * NEGATIVE_FRACTION * 400 <= empty <= 2.0 * NEGATIVE_FRACTION * 400
     assert sum(float(LevelSamples([phantom_case()], 50, augment=False)[i][1].max()) == 0.0 for i in range(50)) == 0
+
+
+def test_training_leaves_subnormal_floats_representable() -> None:
+    """Training flushes denormals to zero for speed; the process-wide flag is set back after it."""
+    train_model([phantom_case()], steps=1, batch_size=2, widths=(4, 8, 8), workers=0)
+    assert torch.tensor(1e-40, dtype=torch.float32).item() != 0.0
+    assert (torch.tensor([1e-38], dtype=torch.float32) / 1e4).item() != 0.0

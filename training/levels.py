@@ -479,8 +479,21 @@ def train_model(
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     # Converged heatmaps are near 0 almost everywhere and their gradients underflow into
-    # denormal floats, which CPUs handle many times slower: flush them to zero.
+    # denormal floats, which CPUs handle many times slower: flush them to zero while training.
+    # The flag is process-wide processor state, so it is set back to the default afterwards.
     torch.set_flush_denormal(True)
+    try:
+        return _train(cases, steps, batch_size, lr, seed, widths, workers, log, checkpoint,
+                      checkpoint_every, init, phantoms, phantom_fraction, ema_decay)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(cases: Sequence[LevelCase], steps: int, batch_size: int, lr: float, seed: int,
+           widths: Sequence[int], workers: int, log: Any, checkpoint: Any, checkpoint_every: int,
+           init: LevelNet | None, phantoms: Sequence[PhantomSlab], phantom_fraction: float,
+           ema_decay: float) -> LevelNet:
+    """The training loop of :func:`train_model` (same arguments)."""
     net = init.train() if init is not None else LevelNet(widths=widths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
