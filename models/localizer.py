@@ -330,7 +330,7 @@ class LevelNet(nn.Module):
     def fused(self) -> "LevelNet":
         """An inference copy with every BatchNorm folded into the convolution before it.
 
-        Same outputs (to float rounding) in eval mode, about a tenth less time on a CPU;
+        Same outputs (to float rounding) in eval mode, without the separate normalisation pass;
         the copy is for inference only (its BatchNorm layers are gone).
         """
         from torch.nn.utils.fusion import fuse_conv_bn_eval
