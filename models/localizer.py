@@ -483,6 +483,33 @@ def derive_s1(anchor_mm: np.ndarray, l5_mm: np.ndarray, factor: float = 0.9) -> 
 # --------------------------------------------------------------------------- localizer
 
 
+def package_weights(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Weight file names and their sha256 digests from a levels package's config.
+
+    A single-model package names one file in ``weights`` with its digest in ``sha256``; an
+    ensemble lists its members' files in ``weights`` and their digests in ``weights_sha256``
+    (``sha256`` is then :func:`ensemble_sha256` of those, one digest for the whole package).
+
+    Raises
+    ------
+    PackageError
+        If the lists are missing, empty or of different lengths.
+    """
+    weights = config.get("weights", "model.safetensors")
+    if isinstance(weights, str):
+        return [weights], [str(config.get("sha256"))]
+    digests = config.get("weights_sha256")
+    if (not isinstance(weights, list) or not weights or not isinstance(digests, list)
+            or len(digests) != len(weights)):
+        raise PackageError("config: an ensemble needs equally long 'weights' and 'weights_sha256' lists")
+    return [str(w) for w in weights], [str(d) for d in digests]
+
+
+def ensemble_sha256(digests: Sequence[str]) -> str:
+    """One digest for an ensemble: sha256 of its members' hex digests joined by newlines."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -510,12 +537,18 @@ class LevelLocalizer:
         keys override the module defaults.
     """
 
-    def __init__(self, net: LevelNet, config: dict[str, Any] | None = None) -> None:
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"net: expected a torch module, got {type(net).__name__}")
-        self.net = net.eval()
-        # what inference runs: BatchNorm folded into the convolutions; ``net`` stays as given
-        self._fast = net.fused() if isinstance(net, LevelNet) else self.net
+    def __init__(self, net: LevelNet | Sequence[LevelNet], config: dict[str, Any] | None = None) -> None:
+        nets = list(net) if isinstance(net, (list, tuple)) else [net]
+        if not nets:
+            raise ValueError("net: an ensemble needs at least one network")
+        for n in nets:
+            if not isinstance(n, nn.Module):
+                raise TypeError(f"net: expected a torch module, got {type(n).__name__}")
+        #: Every network of the ensemble (one for a single-model package); ``net`` is the first.
+        self.members = [n.eval() for n in nets]
+        self.net = self.members[0]
+        # what inference runs: BatchNorm folded into the convolutions; the members stay as given
+        self._fast = [n.fused() if isinstance(n, LevelNet) else n for n in self.members]
         self.config = dict(config or {})
         post = self.config.get("postprocessing", {})
         self.threshold = float(post.get("peak_threshold", 0.3))
@@ -549,22 +582,27 @@ class LevelLocalizer:
             raise PackageError(f"path: {cfg_path} is not valid JSON: {exc}") from exc
         if cfg.get("task") != "levels":
             raise PackageError(f"path: package task is {cfg.get('task')!r}, expected 'levels'")
-        weights = path / str(cfg.get("weights", "model.safetensors"))
-        if not weights.is_file():
-            raise PackageError(f"path: weights file {weights.name} missing in {path}")
-        digest = _sha256(weights)
-        if digest != cfg.get("sha256"):
-            raise PackageError(
-                f"path: sha256 of {weights.name} is {digest}, config says {cfg.get('sha256')!r}"
-            )
+        names, digests = package_weights(cfg)
+        for name, want in zip(names, digests):
+            weights = path / name
+            if not weights.is_file():
+                raise PackageError(f"path: weights file {weights.name} missing in {path}")
+            digest = _sha256(weights)
+            if digest != want:
+                raise PackageError(f"path: sha256 of {weights.name} is {digest}, config says {want!r}")
+        if len(names) > 1 and cfg.get("sha256") != ensemble_sha256(digests):
+            raise PackageError(f"path: sha256 {cfg.get('sha256')!r} is not the digest of the members' sha256s")
         kwargs = dict(cfg.get("model_kwargs", {}))
-        net = LevelNet(in_chans=int(cfg.get("in_chans", 3)), **kwargs)
-        state = {k: t.float() for k, t in load_file(str(weights)).items()}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise PackageError(f"path: weights do not fit the architecture: {exc}") from exc
-        return cls(net, cfg)
+        nets = []
+        for name in names:
+            net = LevelNet(in_chans=int(cfg.get("in_chans", 3)), **kwargs)
+            state = {k: t.float() for k, t in load_file(str(path / name)).items()}
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as exc:
+                raise PackageError(f"path: weights {name} do not fit the architecture: {exc}") from exc
+            nets.append(net)
+        return cls(nets, cfg)
 
     # ----------------------------------------------------------------- inference
     def heatmaps(self, array: np.ndarray, affine: np.ndarray) -> tuple[_Maps, SagittalGrid, np.ndarray, np.ndarray]:
@@ -586,7 +624,8 @@ class LevelLocalizer:
         imgs[needed] = normalise(imgs[needed])
         x = torch.from_numpy(neighbour_inputs(imgs, candidates))
         with torch.inference_mode():
-            heat = self._fast(x).float().numpy()
+            # an ensemble's maps are the mean of its members' maps
+            heat = torch.stack([net(x).float() for net in self._fast]).mean(dim=0).numpy()
         return _Maps(heat, candidates, np.asarray(aff[:3, 2], float)), grid, arr, aff
 
     def __call__(self, array: np.ndarray, affine: np.ndarray) -> LocalizationResult:

@@ -264,3 +264,26 @@ def test_training_leaves_subnormal_floats_representable() -> None:
     train_model([phantom_case()], steps=1, batch_size=2, widths=(4, 8, 8), workers=0)
     assert torch.tensor(1e-40, dtype=torch.float32).item() != 0.0
     assert (torch.tensor([1e-38], dtype=torch.float32) / 1e4).item() != 0.0
+
+
+def test_train_command_cross_validates_and_ships_an_ensemble(tmp_path: Path) -> None:
+    """``discus train levels`` end to end on two synthetic cases: 2 folds, 2 members, 2 steps each."""
+    from typer.testing import CliRunner
+
+    from training.levels_cli import app
+
+    data = write_levels_folder(tmp_path / "data", phantom_case("SYN-01"), phantom_case("SYN-02"))
+    pkg, out = tmp_path / "pkg", tmp_path / "cv"
+    r = CliRunner().invoke(app, ["train", "--data-dir", str(data), "--package-dir", str(pkg), "--out", str(out),
+                                 "--folds", "2", "--steps", "2", "--members", "2", "--phantom-seeds", "0",
+                                 "--seed", "5"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((pkg / "config.json").read_text())
+    assert cfg["members"] == 2 and cfg["training"]["member_seeds"] == [5, 6]
+    assert len(LevelLocalizer.from_package(pkg).members) == 2
+    for f in range(2):  # every fold was scored as an ensemble, with its own seeds
+        fold_cfg = json.loads((out / "folds" / f"fold{f}" / "config.json").read_text())
+        assert fold_cfg["training"]["seeds"] == [5 + f, 6 + f]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_studies"] == 2
+    assert (pkg / "MODEL_CARD.md").read_text().count("cross-validation") >= 1

@@ -259,6 +259,42 @@ def test_package_round_trip_and_hash_check(tmp_path: Path) -> None:
         LevelLocalizer.from_package(pkg)
 
 
+def test_ensemble_package_averages_its_members_and_checks_every_digest(tmp_path: Path) -> None:
+    from training.levels import merge_packages, save_package
+
+    torch.manual_seed(1)
+    nets = [LevelNet(widths=(4, 8, 8)).eval() for _ in range(2)]
+    pkg = save_package(nets, tmp_path / "ens", training={"steps": 0}, metrics={})
+    cfg = json.loads((pkg / "config.json").read_text())
+    assert cfg["weights"] == ["model-0.safetensors", "model-1.safetensors"] and cfg["members"] == 2
+    assert len(cfg["sha256"]) == 64 and cfg["sha256"] not in cfg["weights_sha256"]
+    loc = LevelLocalizer.from_package(pkg)
+    assert len(loc.members) == 2
+    # the maps of a series are the mean of the two members' maps (fp16 weights: small tolerance)
+    array = np.random.default_rng(0).random((6, 40, 36)).astype(np.float32) * 100 + 1
+    affine = sagittal_affine(spacing=(3.0, 3.0, 4.0), n_slices=6)
+    maps, *_ = loc.heatmaps(array, affine)
+    singles = []
+    for i, net in enumerate(nets):
+        one = save_package(net, tmp_path / f"one{i}", training={}, metrics={})
+        singles.append(LevelLocalizer.from_package(one).heatmaps(array, affine)[0].heat)
+    np.testing.assert_allclose(maps.heat, (singles[0] + singles[1]) / 2, atol=1e-4)
+    # two single packages merged give the same ensemble
+    merged = merge_packages([tmp_path / "one0", tmp_path / "one1"], tmp_path / "merged", {}, {})
+    np.testing.assert_allclose(LevelLocalizer.from_package(merged).heatmaps(array, affine)[0].heat,
+                               maps.heat, atol=1e-6)
+    # a changed member, or a package digest that is not the members' digest, is refused
+    cfg["sha256"] = "0" * 64
+    (pkg / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackageError, match="members' sha256"):
+        LevelLocalizer.from_package(pkg)
+    data = bytearray((merged / "model-1.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (merged / "model-1.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="model-1.safetensors"):
+        LevelLocalizer.from_package(merged)
+
+
 def test_missing_package_is_a_package_error(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match="config.json"):
         LevelLocalizer.from_package(tmp_path)

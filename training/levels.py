@@ -35,6 +35,7 @@ from models.localizer import (
     LevelNet,
     LocalizationResult,
     SagittalGrid,
+    ensemble_sha256,
     grid_to_voxel,
     normalise,
     resample_slices,
@@ -64,8 +65,12 @@ ANCHOR_THRESHOLD = 0.4
 #: Off (0): on the 5-fold cross-validation of version 1.2.0 a ratio of 0.8 fixed no study and
 #: shifted one (VB2-19) that was right without it.
 CAUDAL_ANCHOR_RATIO = 0.0
+#: Networks per package: each is trained the same way with its own seed and the localizer
+#: averages their heatmaps. Single models of this recipe differ a lot by seed on held-out cases
+#: (the lumbosacral anchor above all); the mean of two is far steadier (see the model card).
+MEMBERS = 2
 #: Version written into packages trained by this module.
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 #: Left-right fall-off of target heights (mm): the network learns to peak on the mid-plane.
 SIGMA_LR_MM = 6.0
 #: Identification radius (mm) of the metrics.
@@ -740,18 +745,35 @@ def write_report(cases: Sequence[LevelCase], scores: Sequence[CaseScore], out_di
 # --------------------------------------------------------------------------- packages
 
 
-def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], metrics: dict[str, Any],
-                 version: str = VERSION, anchor_threshold: float = ANCHOR_THRESHOLD) -> Path:
-    """Write ``config.json`` + fp16 ``model.safetensors`` (+ its sha256) to ``out_dir``."""
+def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, training: dict[str, Any],
+                 metrics: dict[str, Any], version: str = VERSION,
+                 anchor_threshold: float = ANCHOR_THRESHOLD) -> Path:
+    """Write ``config.json`` + fp16 weights (+ their sha256) to ``out_dir``.
+
+    One network gives ``model.safetensors``; an ensemble gives ``model-0.safetensors``,
+    ``model-1.safetensors``, ... listed in ``weights`` with ``weights_sha256`` (see
+    :func:`models.localizer.package_weights`).
+    """
     import hashlib
 
     from safetensors.torch import save_file
 
+    nets = list(net) if isinstance(net, (list, tuple)) else [net]
+    if not nets:
+        raise ValueError("net: nothing to save")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    for old in out.glob("model*.safetensors"):  # a rewritten package keeps no stale member
+        old.unlink()
+    names = ["model.safetensors"] if len(nets) == 1 else [f"model-{i}.safetensors" for i in range(len(nets))]
+    digests = []
+    for name, n in zip(names, nets):
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in n.state_dict().items()}
+        save_file(state, str(out / name))
+        digests.append(hashlib.sha256((out / name).read_bytes()).hexdigest())
+    weights: dict[str, Any] = ({"weights": names[0], "sha256": digests[0]} if len(nets) == 1 else
+                               {"weights": names, "weights_sha256": digests,
+                                "sha256": ensemble_sha256(digests), "members": len(nets)})
     cfg = {
         "name": "discus-levels",
         "architecture": "LevelNet",
@@ -765,14 +787,37 @@ def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], m
                           "channels": "image with its two neighbouring slices"},
         "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": anchor_threshold,
                            "caudal_anchor_ratio": CAUDAL_ANCHOR_RATIO},
-        "model_kwargs": {"widths": list(net.widths)},
+        "model_kwargs": {"widths": list(nets[0].widths)},
         "training": training,
         "metrics": metrics,
-        "weights": "model.safetensors",
-        "sha256": digest,
+        **weights,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def merge_packages(packages: Sequence[str | Path], out_dir: str | Path, training: dict[str, Any],
+                   metrics: dict[str, Any], version: str = VERSION) -> Path:
+    """One ensemble package from single-model packages of the same architecture.
+
+    Members trained in separate runs (``--members 1`` with different seeds) become the
+    package ``--members N`` would have trained in one run; the post-processing of the
+    first package is kept.
+
+    Raises
+    ------
+    models.errors.PackageError
+        If a package does not load.
+    ValueError
+        If the packages' architectures differ.
+    """
+    locs = [LevelLocalizer.from_package(p) for p in packages]
+    nets = [m for loc in locs for m in loc.members]
+    if len({tuple(n.widths) for n in nets}) != 1:
+        raise ValueError("packages: members of one ensemble need the same widths")
+    post = locs[0].config.get("postprocessing", {})
+    return save_package(nets, out_dir, training, metrics, version=version,
+                        anchor_threshold=float(post.get("anchor_threshold", ANCHOR_THRESHOLD)))
 
 
 def case_folds(cases: Sequence[LevelCase], folds: int = 5, seed: int = 0) -> list[list[str]]:
@@ -789,15 +834,22 @@ def case_folds(cases: Sequence[LevelCase], folds: int = 5, seed: int = 0) -> lis
     return out
 
 
+def member_seed(seed: int, member: int, fold: int | None = None) -> int:
+    """Training seed of ensemble member ``member`` (of fold ``fold``'s model; None: the shipped one)."""
+    return seed + member + (fold or 0)
+
+
 def cross_validate(
     data_dir: str | Path, out_dir: str | Path, folds: int = 5, steps: int = TRAIN_STEPS, seed: int = 0,
     log: Any = print, only_folds: Sequence[int] | None = None, reuse: bool = False,
-    phantoms: Sequence[PhantomSlab] = (),
+    phantoms: Sequence[PhantomSlab] = (), members: int = MEMBERS,
 ) -> dict[str, Any]:
     """Case-grouped k-fold CV: train on k-1 folds, localize the held-out cases, report all.
 
-    Each fold's model is kept as a package under ``out_dir/folds``; with ``reuse`` an
-    existing one is evaluated again instead of retrained (after a post-processing change).
+    Each fold trains ``members`` networks (seeds from :func:`member_seed`) and is scored as
+    the ensemble the product ships. Each fold's package is kept under ``out_dir/folds``; with
+    ``reuse`` an existing one is evaluated again instead of retrained (after a
+    post-processing change).
     """
     out = Path(out_dir)
     cases = load_cases(data_dir)
@@ -813,8 +865,14 @@ def cross_validate(
             loc = LevelLocalizer.from_package(fold_pkg)
         else:
             log(f"fold {f + 1}/{folds}: train {len(train)} cases, test {len(held)}")
-            net = train_model(train, steps=steps, seed=seed + f, log=log, phantoms=phantoms)
-            save_package(net, fold_pkg, {"fold": f, "held_out": held, "steps": steps}, {})
+            nets = []
+            for m in range(members):
+                if members > 1:
+                    log(f"fold {f + 1}/{folds}: member {m + 1}/{members}")
+                nets.append(train_model(train, steps=steps, seed=member_seed(seed, m, f), log=log,
+                                        phantoms=phantoms))
+            save_package(nets, fold_pkg, {"fold": f, "held_out": held, "steps": steps,
+                                          "seeds": [member_seed(seed, m, f) for m in range(members)]}, {})
             loc = LevelLocalizer.from_package(fold_pkg)
         for c in cases:
             if c.name in held:
@@ -831,7 +889,7 @@ def cross_validate(
 def train_levels(
     data_dir: str | Path, package_dir: str | Path, out_dir: str | Path | None = None, folds: int = 5,
     steps: int = TRAIN_STEPS, cv_steps: int | None = None, seed: int = 0, log: Any = print,
-    phantom_seeds: int = 40,
+    phantom_seeds: int = 40, members: int = MEMBERS,
 ) -> Path:
     """Cross-validate (when ``folds`` > 1 and ``out_dir`` given), then train on all cases and ship.
 
@@ -845,7 +903,7 @@ def train_levels(
     phantoms = render_phantom_slabs(range(phantom_seeds))
     if folds > 1 and out_dir is not None:
         cv = cross_validate(data_dir, out_dir, folds=folds, steps=cv_steps or steps, seed=seed, log=log,
-                            phantoms=phantoms)
+                            phantoms=phantoms, members=members)
         metrics = {k: cv[k] for k in ("n_studies", "id_rate", "mean_error_mm", "p95_error_mm",
                                       "disc_id_rate", "l5s1_approximate_id_rate",
                                       "studies_mislabelled", "studies_with_missed_levels")}
@@ -853,16 +911,18 @@ def train_levels(
                                  f"{cv_steps or steps} steps per fold")
     cases = load_cases(data_dir)
     log(f"final model: {len(cases)} cases")
-    net = train_model(cases, steps=steps, seed=seed, log=log, phantoms=phantoms)
+    nets = [train_model(cases, steps=steps, seed=member_seed(seed, m), log=log, phantoms=phantoms)
+            for m in range(members)]
     training = {
         "data": {"cases": len(cases), "datasets": {d: sum(c.dataset == d for c in cases)
                                                    for d in sorted({c.dataset for c in cases})}},
-        "folds": folds, "seed": seed, "steps": steps, "cv_steps": cv_steps or steps, "batch_size": 8,
+        "folds": folds, "seed": seed, "members": members,
+        "member_seeds": [member_seed(seed, m) for m in range(members)], "steps": steps, "cv_steps": cv_steps or steps, "batch_size": 8,
         "train_shape": list(TRAIN_SHAPE),
         "phantoms": {"seeds": f"0-{phantom_seeds - 1}", "contrasts": ["T2", "T1"], "series": len(phantoms),
                      "fraction": PHANTOM_FRACTION},
     }
-    pkg = save_package(net, package_dir, training, metrics)
+    pkg = save_package(nets, package_dir, training, metrics)
     write_model_card(pkg, cv)
     (pkg / "metrics.json").write_text(json.dumps(cv if cv is not None else metrics, indent=2))
     return pkg

@@ -27,13 +27,14 @@ def train(
     cv_steps: int = typer.Option(None, min=1, help="Optimiser steps of each fold's model (default: --steps)."),
     seed: int = typer.Option(0),
     phantom_seeds: int = typer.Option(40, min=0, help="Synthetic phantom anatomies mixed into training."),
+    members: int = typer.Option(None, min=1, help="Networks per package, averaged (default 2)."),
 ) -> None:
     """Cross-validate on the data, then train on all of it and write the model package."""
-    from training.levels import TRAIN_STEPS, default_package, train_levels
+    from training.levels import MEMBERS, TRAIN_STEPS, default_package, train_levels
 
     pkg = train_levels(data_dir, package_dir or default_package(), out_dir=out, folds=folds,
                        steps=steps or TRAIN_STEPS, cv_steps=cv_steps, seed=seed, log=typer.echo,
-                       phantom_seeds=phantom_seeds)
+                       phantom_seeds=phantom_seeds, members=members or MEMBERS)
     typer.echo(f"package written to {pkg}")
 
 
