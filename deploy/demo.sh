@@ -48,7 +48,7 @@ start() {  # name port command...; skipped when its pid file names a live proces
   shift 2
   local pidfile="$VAR/run/$name.pid"
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    if [[ "$name" == listener || "$name" == worker ]] && stale "$pidfile"; then
+    if [[ "$name" == listener || "$name" == worker || "$name" == exporter ]] && stale "$pidfile"; then
       # a warm worker keeps the models it loaded: restart it on the installed code and models
       echo "  $name runs older code or models than installed: restarting it"
       local pid i
@@ -102,7 +102,10 @@ wait_port redis "$REDIS_PORT" 15
 start orthanc "$ORTHANC_HTTP_PORT" Orthanc "$VAR/orthanc.json"
 wait_port orthanc "$ORTHANC_HTTP_PORT" 30
 start listener "$LISTENER_PORT" "${DISCUS[@]}" listen
-start worker - "${DISCUS[@]}" worker --queues analyze,export --name "demo@%h"
+# as deployed (compose, systemd): one warm analysis process, and export processes beside it that
+# deliver each object while the next is still being encoded
+start worker - "${DISCUS[@]}" worker --queues analyze --name "analyze@%h"
+start exporter - "${DISCUS[@]}" worker --queues export --name "export@%h"
 start flower "$FLOWER_PORT" "${DISCUS[@]}" dashboard
 wait_port listener "$LISTENER_PORT" 30
 wait_port flower "$FLOWER_PORT" 60

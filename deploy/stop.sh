@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VAR=${DISCUS_VAR:-$(pwd)/var}
-for name in flower worker listener orthanc redis; do
+for name in flower exporter worker listener orthanc redis; do
   pidfile="$VAR/run/$name.pid"
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")

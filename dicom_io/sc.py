@@ -6,7 +6,8 @@
   colour bar).
 - :func:`encode_key_image`: the mid-sagittal slice with every located level
   labelled and a colour-coded badge of each level's worst grade, and a legend.
-- :func:`encode_all`: the SR plus every SC of a :class:`StudyResult`.
+- :func:`encode_all`: the SR plus every SC of a :class:`StudyResult`;
+  :func:`iter_outputs` the same one object at a time, :func:`count_outputs` how many.
 
 Colour map: matplotlib ``inferno``. It is perceptually uniform with monotonically
 increasing lightness, so "more heat" always reads as "brighter" (also in
@@ -28,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -448,6 +449,51 @@ def _mid_sagittal_uid(result: StudyResult, sources: Mapping[str, Dataset]) -> st
     return min(uid for uid, n in counts.items() if n == top)
 
 
+def _plan(result: StudyResult, sources: Mapping[str, Dataset],
+          min_severity: int) -> tuple[list[Finding], str | None]:
+    """The findings that get a heatmap SC, and the key image's source (None: no key image)."""
+    for uid, ds in sources.items():
+        if str(ds.get("SOPInstanceUID", "")) != uid:
+            raise EncodingError(f"sources[{uid!r}]: keyed by a UID that is not its SOPInstanceUID")
+    if result.status is StatusValues.NOT_PERFORMED:
+        return [], None
+    findings = [f for f in sorted(result.findings, key=finding_sort_key)
+                if f.heatmap is not None and f.severity >= min_severity]
+    return findings, _mid_sagittal_uid(result, sources)
+
+
+def count_outputs(result: StudyResult, sources: Mapping[str, Dataset], *, min_severity: int = 0) -> int:
+    """How many objects :func:`iter_outputs` (and :func:`encode_all`) make for these arguments."""
+    findings, mid = _plan(result, sources, min_severity)
+    return 1 + len(findings) + (mid is not None)
+
+
+def iter_outputs(
+    result: StudyResult,
+    sources: Mapping[str, Dataset],
+    predecessor: Dataset | None = None,
+    *,
+    manufacturer: str = "Discus",
+    institution: str | None = None,
+    min_severity: int = 0,
+) -> Iterator[Dataset]:
+    """:func:`encode_all`, one object at a time: each is yielded as soon as it is encoded.
+
+    A caller can send the SR on its way while the heatmaps are still being made.
+    """
+    findings, mid = _plan(result, sources, min_severity)
+    ordered = [sources[k] for k in sorted(sources)]
+    kwargs: dict[str, Any] = {"manufacturer": manufacturer, "institution": institution}
+    if result.status is StatusValues.NOT_PERFORMED:
+        yield encode_not_performed_sr(result, ordered, predecessor=predecessor, **kwargs)
+        return
+    yield encode_sr(result, ordered, predecessor=predecessor, **kwargs)
+    for i, f in enumerate(findings):
+        yield encode_heatmap_sc(f, sources[f.image.sop_instance_uid], result, i, **kwargs)
+    if mid is not None:
+        yield encode_key_image(result, sources[mid], **kwargs)
+
+
 def encode_all(
     result: StudyResult,
     sources: Mapping[str, Dataset],
@@ -476,29 +522,16 @@ def encode_all(
     Returns
     -------
     list of pydicom.Dataset
-        SR first, then heatmaps in SR order, then the key image (when levels exist).
+        SR first, then heatmaps in SR order, then the key image (when levels exist);
+        :func:`count_outputs` of them.
 
     Raises
     ------
     EncodingError
         On bad input (see the encoders).
     """
-    for uid, ds in sources.items():
-        if str(ds.get("SOPInstanceUID", "")) != uid:
-            raise EncodingError(f"sources[{uid!r}]: keyed by a UID that is not its SOPInstanceUID")
-    ordered = [sources[k] for k in sorted(sources)]
-    kwargs: dict[str, Any] = {"manufacturer": manufacturer, "institution": institution}
-    if result.status is StatusValues.NOT_PERFORMED:
-        return [encode_not_performed_sr(result, ordered, predecessor=predecessor, **kwargs)]
-    outputs = [encode_sr(result, ordered, predecessor=predecessor, **kwargs)]
-    findings = [f for f in sorted(result.findings, key=finding_sort_key)
-                if f.heatmap is not None and f.severity >= min_severity]
-    for i, f in enumerate(findings):
-        outputs.append(encode_heatmap_sc(f, sources[f.image.sop_instance_uid], result, i, **kwargs))
-    mid = _mid_sagittal_uid(result, sources)
-    if mid is not None:
-        outputs.append(encode_key_image(result, sources[mid], **kwargs))
-    return outputs
+    return list(iter_outputs(result, sources, predecessor, manufacturer=manufacturer,
+                             institution=institution, min_severity=min_severity))
 
 
 def to_png(ds: Dataset, path: Any) -> None:

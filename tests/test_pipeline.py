@@ -16,7 +16,7 @@ import pytest
 
 from dicom_io.results import DISCS, ConditionValues, StatusValues, StudyResult
 from worker.model_packages import ModelPackages
-from worker.pipeline import analyze_study, encode_outputs
+from worker.pipeline import OutputStream, analyze_study, encode_outputs
 
 phantom = pytest.importorskip("dicom_io.phantom", reason="the phantom writer is not installed")
 
@@ -129,6 +129,7 @@ def test_encode_outputs_atomic_and_deterministic(mr_study: tuple[Path, dict], pa
     assert f"{sr.SOPInstanceUID}.dcm" == first[0].name
     heat = [f for f in res.findings if f.heatmap is not None]
     assert len(first) >= 1 + len(heat)
+    assert len(OutputStream(res, folder, tmp_path / "c")) == len(first)  # known before encoding
 
 
 def test_head_mr_is_not_performed(mr_study: tuple[Path, dict], tmp_path: Path, packages: ModelPackages) -> None:

@@ -17,6 +17,7 @@ from dicom_io.sc import (
     HEATMAP_SERIES_DESCRIPTION,
     KEY_IMAGE_SERIES_DESCRIPTION,
     LEGEND_HEIGHT,
+    count_outputs,
     encode_all,
     encode_heatmap_sc,
     encode_key_image,
@@ -135,10 +136,27 @@ def test_min_severity_and_not_performed(result, sources):
     srcs = {s.SOPInstanceUID: s for s in sources}
     few = encode_all(result, srcs, min_severity=2)
     assert len(few) == 1 + sum(f.severity >= 2 for f in result.findings) + 1
+    assert count_outputs(result, srcs, min_severity=2) == len(few)
+    assert count_outputs(result, srcs) == len(encode_all(result, srcs)) > len(few)
     np_result = StudyResult(study_instance_uid=result.study_instance_uid, revision=1,
                             status="not_performed", reason="unsupported transfer syntax")
     (only,) = encode_all(np_result, srcs)
-    assert only.Modality == "SR"
+    assert only.Modality == "SR" and count_outputs(np_result, srcs) == 1
+
+
+def test_iter_outputs_yields_the_sr_before_encoding_any_heatmap(result, sources, monkeypatch):
+    import dicom_io.sc as sc
+
+    srcs = {s.SOPInstanceUID: s for s in sources}
+    made = []
+    real = sc.encode_heatmap_sc
+    monkeypatch.setattr(sc, "encode_heatmap_sc", lambda *a, **k: made.append(1) or real(*a, **k))
+    stream = sc.iter_outputs(result, srcs)
+    first = next(stream)
+    assert first.Modality == "SR" and made == []  # the SR can be on its way before any heatmap exists
+    rest = list(stream)
+    assert len(made) == len(rest) - 1 and [to_bytes(d) for d in [first, *rest]] == \
+        [to_bytes(d) for d in encode_all(result, srcs)]
 
 
 def test_bad_input_names_the_field(result, sources):

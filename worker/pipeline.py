@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from worker.model_packages import ModelPackages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnalysisOptions", "ModelPackages", "analyze_study", "encode_outputs"]
+__all__ = ["AnalysisOptions", "ModelPackages", "OutputStream", "analyze_study", "encode_outputs"]
 
 R = SeriesRoleValues
 _MR_ROLES = (R.SAG_T2, R.SAG_STIR, R.SAG_T1, R.AX_T2)
@@ -237,6 +237,59 @@ def _write_atomic(ds: Any, folder: Path) -> Path:
     return final
 
 
+def _sources(study_folder: Path) -> dict[str, Any]:
+    """The study's instances by SOP Instance UID, headers read and pixels deferred."""
+    import pydicom
+
+    sources = {}
+    for path in sorted(Path(study_folder).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            # Large values (pixel data) are read only if the encoder touches them.
+            ds = pydicom.dcmread(path, defer_size="64 KB")
+        except Exception:  # not DICOM or unreadable: already reported by the analysis
+            continue
+        uid = getattr(ds, "SOPInstanceUID", None)
+        if uid:
+            sources[str(uid)] = ds
+    return sources
+
+
+class OutputStream:
+    """The SR and SC objects of a result, written into the outbox one at a time.
+
+    ``len()`` is known before anything is encoded, so a caller can announce how many
+    deliveries finish the job and then hand each file to the export queue as soon as
+    it is on disk (the SR first, while the heatmaps are still being made). Iterating
+    encodes and writes each object and yields its path.
+    """
+
+    def __init__(self, result: StudyResult, study_folder: Path, outbox: Path, *,
+                 predecessor: Path | None = None, not_performed_sr: bool = True) -> None:
+        import pydicom
+
+        self.result = result
+        self.outbox = Path(outbox)
+        self.skip = result.status is StatusValues.NOT_PERFORMED and not not_performed_sr
+        self.sources = {} if self.skip else _sources(study_folder)
+        self.predecessor = pydicom.dcmread(predecessor) if predecessor is not None and not self.skip else None
+
+    def __len__(self) -> int:
+        from dicom_io.sc import count_outputs
+
+        return 0 if self.skip else count_outputs(self.result, self.sources)
+
+    def __iter__(self) -> Iterator[Path]:
+        from dicom_io.sc import iter_outputs
+
+        if self.skip:
+            return
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        for ds in iter_outputs(self.result, self.sources, predecessor=self.predecessor):
+            yield _write_atomic(ds, self.outbox)
+
+
 def encode_outputs(
     result: StudyResult,
     study_folder: Path,
@@ -265,28 +318,8 @@ def encode_outputs(
     -------
     list of Path
         Files written, named ``<SOPInstanceUID>.dcm`` (deterministic UIDs, so
-        a retried task rewrites the same names).
+        a retried task rewrites the same names); SR first. :class:`OutputStream`
+        gives them one at a time.
     """
-    import pydicom
-
-    from dicom_io.sc import encode_all
-
-    if result.status is StatusValues.NOT_PERFORMED and not not_performed_sr:
-        return []
-    sources = {}
-    for path in sorted(Path(study_folder).rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            # Large values (pixel data) are read only if the encoder touches them.
-            ds = pydicom.dcmread(path, defer_size="64 KB")
-        except Exception:  # not DICOM or unreadable: already reported by the analysis
-            continue
-        uid = getattr(ds, "SOPInstanceUID", None)
-        if uid:
-            sources[str(uid)] = ds
-    prev = pydicom.dcmread(predecessor) if predecessor is not None else None
-    datasets = encode_all(result, sources, predecessor=prev)
-    outbox = Path(outbox)
-    outbox.mkdir(parents=True, exist_ok=True)
-    return [_write_atomic(ds, outbox) for ds in datasets]
+    return list(OutputStream(result, study_folder, outbox, predecessor=predecessor,
+                             not_performed_sr=not_performed_sr))

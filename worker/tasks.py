@@ -3,7 +3,7 @@
 ``discus.analyze_study(study_uid, revision)`` runs :func:`worker.pipeline.analyze_study` on the
 spooled study, encodes the SR/SC objects into ``<outbox>/<study>/<revision>/`` and queues one
 ``discus.export_object(study_uid, revision, path, destination, deadline)`` per object and
-destination. Tasks carry UIDs, paths and times only; state lives in the study index.
+destination, each as soon as its file is written. Tasks carry UIDs, paths and times only; state lives in the study index.
 """
 
 from __future__ import annotations
@@ -103,18 +103,28 @@ def analyze_study(self: Any, study_uid: str, revision: int) -> dict[str, Any]:
         log.error("study %s revision %s: %s", study_uid, revision, reason)
         return {"state": "failed", "reason": reason}
 
+    from worker.pipeline import OutputStream
     from worker.pipeline import analyze_study as run_pipeline
-    from worker.pipeline import encode_outputs
 
     t0 = time.time()
     folder = settings.spool / study_uid
     out = outbox_for(settings, study_uid, revision)
+    files: list[Path] = []
     try:
         result = run_pipeline(folder, revision, settings=settings)
         t1 = time.time()
-        files = encode_outputs(result, folder, out,
-                               predecessor=_previous_sr(idx, study_uid, revision),
-                               not_performed_sr=settings.write_not_performed_sr)
+        stream = OutputStream(result, folder, out, predecessor=_previous_sr(idx, study_uid, revision),
+                              not_performed_sr=settings.write_not_performed_sr)
+        # How many deliveries finish the job is known before anything is encoded, so each
+        # object goes to the export queue as soon as it is on disk: the SR first, travelling
+        # to the PACS while the heatmaps are still being made.
+        objects = len(stream)
+        if objects:
+            idx.expect_exports(study_uid, revision, objects, len(settings.destinations))
+        deadline = time.time() + settings.export_deadline
+        for f in stream:
+            files.append(f)
+            queue_exports(settings, study_uid, revision, [f], deadline)
         t2 = time.time()
         (out / RESULT_FILE).write_text(result.to_json())
     except SoftTimeLimitExceeded:
@@ -124,6 +134,8 @@ def analyze_study(self: Any, study_uid: str, revision: int) -> dict[str, Any]:
     except Exception as exc:  # a bug or a broken outbox; the study gets the reason
         log.exception("study %s revision %s failed", study_uid, revision)
         reason = f"{type(exc).__name__}: {exc}"
+        if files:
+            reason += f" (after {len(files)} object(s) had been queued for export; they are delivered)"
         idx.fail(study_uid, revision, reason)
         return {"state": "failed", "reason": reason}
 
@@ -134,14 +146,15 @@ def analyze_study(self: Any, study_uid: str, revision: int) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "result": result.status.value, "outputs": [str(f) for f in files], "sr": sr,
         "timings": timings, "not_run": result.not_run, "warnings": len(result.warnings),
+        "encoded_at": repr(t2),
     }
     if result.reason:
         fields["reason"] = result.reason
     idx.set_job(study_uid, revision, study_state=None, **fields)
     if result.reason:
         idx.r.hset(idx.study_key(study_uid), "reason", result.reason)
-    idx.expect_exports(study_uid, revision, len(files), len(settings.destinations))
-    queue_exports(settings, study_uid, revision, files)
+    if not objects:  # nothing to deliver: the job is done once its result is recorded
+        idx.expect_exports(study_uid, revision, 0, len(settings.destinations))
     idx.mark_exporting(study_uid, revision)
     log.info("study %s revision %s: %s, %d objects, %d findings", study_uid, revision,
              result.status.value, len(files), len(result.findings))

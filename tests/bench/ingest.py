@@ -135,7 +135,8 @@ class Discus:
         self.tmp = tmp
 
     def start(self, *args: str) -> None:
-        log = open(self.tmp / f"{args[0]}-{self.port}.log", "ab")
+        name = args[0] + (f"-{args[2]}" if args[0] == "worker" and len(args) > 2 else "")
+        log = open(self.tmp / f"{name}-{self.port}.log", "ab")
         self.procs.append(subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=ROOT,
                                            env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
@@ -209,9 +210,10 @@ def bench_latency(tmp: Path, quiet: float) -> None:
     orthanc.start()
     try:
         d.start("listen")
-        d.start("worker", "--queues", "analyze,export")
+        d.start("worker", "--queues", "analyze")  # as deployed: analysis and export processes
+        d.start("worker", "--queues", "export")
         wait_port(d.port)
-        wait_ready(d.tmp / f"worker-{d.port}.log")
+        wait_ready(d.tmp / f"worker-analyze-{d.port}.log")
         study_dir = tmp / "latency-study"
         try:
             from dicom_io.phantom import write_demo_study
@@ -250,7 +252,7 @@ def bench_latency(tmp: Path, quiet: float) -> None:
             "queue wait (claim -> task start)": timings["queue_wait"],
             "analysis (pipeline)": timings["analysis"],
             "encode SR/SC": timings["encode"],
-            "export (encoded -> last C-STORE done)": float(job.get("done_at", t_seen)) - float(job["finished_at"]),
+            "export (encoded -> last C-STORE done)": float(job.get("done_at", t_seen)) - float(job["encoded_at"]),
         }
         print(f"{what}: {len(files)} instances, {job.get('objects')} objects back, "
               f"result {job.get('result')}")
