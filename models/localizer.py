@@ -554,6 +554,9 @@ class LevelLocalizer:
         self.threshold = float(post.get("peak_threshold", 0.3))
         self.anchor_threshold = float(post.get("anchor_threshold", 0.3))
         self.caudal_anchor_ratio = float(post.get("caudal_anchor_ratio", 0.0))
+        self.ensemble = str(post.get("ensemble", "mean"))
+        if self.ensemble not in ("mean", "median"):
+            raise ValueError(f"postprocessing.ensemble: 'mean' or 'median', got {self.ensemble!r}")
         pre = self.config.get("preprocessing", {})
         self.pixel_mm = float(pre.get("pixel_mm", PIXEL_MM))
         self.grid_shape = tuple(pre.get("grid_shape", GRID_SHAPE))
@@ -624,9 +627,18 @@ class LevelLocalizer:
         imgs[needed] = normalise(imgs[needed])
         x = torch.from_numpy(neighbour_inputs(imgs, candidates))
         with torch.inference_mode():
-            # an ensemble's maps are the mean of its members' maps
-            heat = torch.stack([net(x).float() for net in self._fast]).mean(dim=0).numpy()
+            heat = self._combine(torch.stack([net(x).float() for net in self._fast])).numpy()
         return _Maps(heat, candidates, np.asarray(aff[:3, 2], float)), grid, arr, aff
+
+    def _combine(self, maps: torch.Tensor) -> torch.Tensor:
+        """One set of maps from the members' ``[members, ...]``: their mean, or their median.
+
+        The median (``postprocessing.ensemble = "median"``) follows the majority where one member
+        of three or more is confidently wrong; with two members both rules are the mean.
+        """
+        if len(maps) > 2 and self.ensemble == "median":
+            return maps.median(dim=0).values
+        return maps.mean(dim=0)
 
     def __call__(self, array: np.ndarray, affine: np.ndarray) -> LocalizationResult:
         """Find and name the levels of a sagittal series.

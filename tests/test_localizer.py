@@ -295,6 +295,18 @@ def test_ensemble_package_averages_its_members_and_checks_every_digest(tmp_path:
         LevelLocalizer.from_package(merged)
 
 
+
+def test_ensemble_median_follows_the_majority_and_mean_is_the_default() -> None:
+    nets = [LevelNet(widths=(4, 8, 8)) for _ in range(3)]
+    maps = torch.stack([torch.full((1, 3, 4, 4), v) for v in (0.1, 0.2, 0.9)])  # one member far off
+    median = LevelLocalizer(nets, {"postprocessing": {"ensemble": "median"}})
+    assert float(median._combine(maps).max()) == pytest.approx(0.2)
+    assert float(LevelLocalizer(nets)._combine(maps).max()) == pytest.approx(0.4)
+    # two members: the median of two is their mean
+    assert float(median._combine(maps[:2]).max()) == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="ensemble"):
+        LevelLocalizer(nets, {"postprocessing": {"ensemble": "vote"}})
+
 def test_missing_package_is_a_package_error(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match="config.json"):
         LevelLocalizer.from_package(tmp_path)

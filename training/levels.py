@@ -69,6 +69,9 @@ CAUDAL_ANCHOR_RATIO = 0.0
 #: averages their heatmaps. Single models of this recipe differ a lot by seed on held-out cases
 #: (the lumbosacral anchor above all); the mean of two is far steadier (see the model card).
 MEMBERS = 2
+#: How the localizer combines its members' heatmaps: "mean", or "median" (with 3 or more
+#: members it follows the majority where one member is confidently wrong).
+ENSEMBLE = "median"
 #: Version written into packages trained by this module.
 VERSION = "1.3.0"
 #: Left-right fall-off of target heights (mm): the network learns to peak on the mid-plane.
@@ -747,7 +750,7 @@ def write_report(cases: Sequence[LevelCase], scores: Sequence[CaseScore], out_di
 
 def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, training: dict[str, Any],
                  metrics: dict[str, Any], version: str = VERSION,
-                 anchor_threshold: float = ANCHOR_THRESHOLD) -> Path:
+                 anchor_threshold: float = ANCHOR_THRESHOLD, ensemble: str = ENSEMBLE) -> Path:
     """Write ``config.json`` + fp16 weights (+ their sha256) to ``out_dir``.
 
     One network gives ``model.safetensors``; an ensemble gives ``model-0.safetensors``,
@@ -786,7 +789,7 @@ def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, traini
                           "normalise": "1st-99.5th percentile of non-zero pixels to 0-1",
                           "channels": "image with its two neighbouring slices"},
         "postprocessing": {"peak_threshold": 0.3, "anchor_threshold": anchor_threshold,
-                           "caudal_anchor_ratio": CAUDAL_ANCHOR_RATIO},
+                           "caudal_anchor_ratio": CAUDAL_ANCHOR_RATIO, "ensemble": ensemble},
         "model_kwargs": {"widths": list(nets[0].widths)},
         "training": training,
         "metrics": metrics,
@@ -797,7 +800,7 @@ def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, traini
 
 
 def merge_packages(packages: Sequence[str | Path], out_dir: str | Path, training: dict[str, Any],
-                   metrics: dict[str, Any], version: str = VERSION) -> Path:
+                   metrics: dict[str, Any], version: str = VERSION, ensemble: str = ENSEMBLE) -> Path:
     """One ensemble package from single-model packages of the same architecture.
 
     Members trained in separate runs (``--members 1`` with different seeds) become the
@@ -817,7 +820,7 @@ def merge_packages(packages: Sequence[str | Path], out_dir: str | Path, training
         raise ValueError("packages: members of one ensemble need the same widths")
     post = locs[0].config.get("postprocessing", {})
     return save_package(nets, out_dir, training, metrics, version=version,
-                        anchor_threshold=float(post.get("anchor_threshold", ANCHOR_THRESHOLD)))
+                        anchor_threshold=float(post.get("anchor_threshold", ANCHOR_THRESHOLD)), ensemble=ensemble)
 
 
 def case_folds(cases: Sequence[LevelCase], folds: int = 5, seed: int = 0) -> list[list[str]]:
