@@ -1008,9 +1008,20 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None, notes: 
         "- A small U-Net (LevelNet, widths "
         f"{cfg['model_kwargs']['widths']}) sees each image with its two neighbours and outputs three "
         "heatmaps: vertebral body centres, disc centres, and the L5-S1 disc.",
-        "- Peaks are taken on the maximum over images; the left-right position is the image where a",
-        "  peak is highest (parabola-refined). Bodies are chained upwards from the anchor; the chain",
-        "  stops at the first gap, so levels above a missed body are absent, not misnamed.",
+    ]
+    n_members = int(cfg.get("members", 1))
+    if n_members > 1:
+        lines += [
+            f"- An ensemble of {n_members} such networks, trained the same way with seeds "
+            f"{tr.get('member_seeds', '?')}; the maps are combined by their "
+            f"{cfg.get('postprocessing', {}).get('ensemble', 'mean')} before any peak is picked. Single",
+            "  networks of this recipe differ a lot by seed on held-out cases, above all in the L5-S1 anchor.",
+        ]
+    lines += [
+        "- Peaks are taken on the maximum over the images within 12 mm of the spine's mid-plane; a",
+        "  point's left-right position is the centroid, across images, of the map above half its",
+        "  maximum there. Bodies are chained upwards from the anchor; the chain stops at the first gap,",
+        "  so levels above a missed body are absent, not misnamed.",
         "- **S1 is not labelled in the training data.** Its point is derived: the L5-S1 disc point",
         "  moved caudally along the L5 axis by 0.9 times the L5-centre-to-disc distance; its confidence",
         "  is 0.6 times the anchor's, and it is reported only when it falls inside the volume.",
