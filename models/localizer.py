@@ -58,6 +58,10 @@ MAX_CANDIDATES = 14
 MIN_BODIES = 3
 #: Largest angle between the slice normal and the patient's left-right axis (degrees).
 MAX_OBLIQUITY_DEG = 35.0
+#: Largest distance from the L5-S1 junction to the body named L5, as a share of the column's
+#: median body-to-body step. Anatomically it is about half a step (half a body plus half a disc);
+#: a whole step means the real L5 was not detected and every name would be one level off.
+MAX_FIRST_GAP_RATIO = 0.8
 
 _LR = np.array([1.0, 0.0, 0.0])
 _POSTERIOR = np.array([0.0, 1.0, 0.0])
@@ -713,6 +717,13 @@ class LevelLocalizer:
             return LocalizationResult(
                 reason=f"only {len(chain.peaks)} vertebral body(ies) found above the sacrum in a regular column; "
                        "too few to name levels"
+            )
+        pts_mm = [anchor.xy(px)] + [c.xy(px) for c in chain.peaks]
+        step = float(np.median([np.linalg.norm(b - a) for a, b in zip(pts_mm[1:], pts_mm[2:])]))
+        if np.linalg.norm(pts_mm[1] - pts_mm[0]) > MAX_FIRST_GAP_RATIO * step:
+            return LocalizationResult(
+                reason="the lowest vertebral body found lies a whole level above the L5-S1 junction (L5 was "
+                       "probably not detected): levels are not named, they would be one level off"
             )
         rivals = [a for a in anchors if a is not anchor and a.value >= 0.5 * anchor.value
                   and np.linalg.norm(a.xy(px) - anchor.xy(px)) > 15.0]

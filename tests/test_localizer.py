@@ -450,3 +450,18 @@ def test_a_lower_junction_nearly_as_strong_is_the_lumbosacral_one(ratio: float, 
     # either way two candidate junctions make the names uncertain, and that is said
     assert any("transitional" in w for w in res.warnings)
     assert max(p.confidence for p in res.points) <= 0.5
+
+
+@pytest.mark.parametrize("below_mm,named", [(0.0, True), (5.0, True), (14.0, False)])
+def test_a_body_a_whole_step_above_the_junction_is_not_named_l5(below_mm: float, named: bool) -> None:
+    """L5's centre lies about half a step above L5-S1; a whole step means L5 itself was missed."""
+    aff = sagittal_affine()
+    loc, arr, truth = oracle_case(aff, top=5)
+    up = truth["L4"] - truth["L5"]
+    up /= np.linalg.norm(up)
+    loc.net.points["lumbosacral"] = [truth["L5-S1"] - below_mm * up]
+    res = loc(arr, aff)
+    if named:
+        assert res.reason is None and np.linalg.norm(np.asarray(res.by_name()["L5"].point_mm) - truth["L5"]) < 2.5
+    else:  # 31 of 34 mm: the names would all be one level off, so none are given
+        assert res.points == [] and "one level off" in res.reason
