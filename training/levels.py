@@ -66,9 +66,9 @@ ANCHOR_THRESHOLD = 0.4
 #: shifted one (VB2-19) that was right without it.
 CAUDAL_ANCHOR_RATIO = 0.0
 #: Networks per package: each is trained the same way with its own seed and the localizer
-#: averages their heatmaps. Single models of this recipe differ a lot by seed on held-out cases
-#: (the lumbosacral anchor above all); the mean of two is far steadier (see the model card).
-MEMBERS = 2
+#: combines their heatmaps. Single models of this recipe differ a lot by seed on held-out cases
+#: (the lumbosacral anchor above all); the median of three is far steadier (see the model card).
+MEMBERS = 3
 #: How the localizer combines its members' heatmaps: "mean", or "median" (with 3 or more
 #: members it follows the majority where one member is confidently wrong).
 ENSEMBLE = "median"

@@ -27,7 +27,7 @@ def train(
     cv_steps: int = typer.Option(None, min=1, help="Optimiser steps of each fold's model (default: --steps)."),
     seed: int = typer.Option(0),
     phantom_seeds: int = typer.Option(40, min=0, help="Synthetic phantom anatomies mixed into training."),
-    members: int = typer.Option(None, min=1, help="Networks per package, averaged (default 2)."),
+    members: int = typer.Option(None, min=1, help="Networks per package, their heatmaps combined (default 3)."),
 ) -> None:
     """Cross-validate on the data, then train on all of it and write the model package."""
     from training.levels import MEMBERS, TRAIN_STEPS, default_package, train_levels
