@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--senders", type=int, default=4)
-    parser.add_argument("--processes", type=int, default=4, help="listener processes for the concurrent run")
+    parser.add_argument("--processes", type=int, default=2, help="listener processes for the concurrent run (one per core here)")
     parser.add_argument("--quiet", type=float, default=1.0, help="quiet period for the latency run")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
