@@ -3,7 +3,8 @@
 ``discus.analyze_study(study_uid, revision)`` runs :func:`worker.pipeline.analyze_study` on the
 spooled study, encodes the SR/SC objects into ``<outbox>/<study>/<revision>/`` and queues one
 ``discus.export_object(study_uid, revision, path, destination, deadline)`` per object and
-destination, each as soon as its file is written. Tasks carry UIDs, paths and times only; state lives in the study index.
+destination, each as soon as its file is written. Tasks carry UIDs, paths and times only; state
+lives in the study index.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def analyze_study(self: Any, study_uid: str, revision: int) -> dict[str, Any]:
         # object goes to the export queue as soon as it is on disk: the SR first, travelling
         # to the PACS while the heatmaps are still being made.
         objects = len(stream)
-        if objects:
+        if objects and settings.destinations:
             idx.expect_exports(study_uid, revision, objects, len(settings.destinations))
         deadline = time.time() + settings.export_deadline
         for f in stream:
@@ -153,8 +154,8 @@ def analyze_study(self: Any, study_uid: str, revision: int) -> dict[str, Any]:
     idx.set_job(study_uid, revision, study_state=None, **fields)
     if result.reason:
         idx.r.hset(idx.study_key(study_uid), "reason", result.reason)
-    if not objects:  # nothing to deliver: the job is done once its result is recorded
-        idx.expect_exports(study_uid, revision, 0, len(settings.destinations))
+    if not (objects and settings.destinations):  # nothing to deliver: done once the result is recorded
+        idx.expect_exports(study_uid, revision, objects, len(settings.destinations))
     idx.mark_exporting(study_uid, revision)
     log.info("study %s revision %s: %s, %d objects, %d findings", study_uid, revision,
              result.status.value, len(files), len(result.findings))
