@@ -9,6 +9,9 @@ as channels to a small U-Net, and reads three heatmaps from it:
 - ``disc``: centres of intervertebral discs (any level),
 - ``lumbosacral``: the L5-S1 disc, the anchor every level is named from.
 
+A package may hold several such networks (an ensemble); their maps are combined (mean or
+median, see :meth:`LevelLocalizer._combine`) before any peak is picked.
+
 Levels are named anatomically: the vertebra directly above the lumbosacral anchor
 is L5, the next one up L4, and so on; discs lie between consecutive named bodies.
 A series without a detectable lumbosacral junction gets no levels (with a reason),
