@@ -134,3 +134,31 @@ class Preprocessor:
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         """Raw crops ``[N, H, W]`` -> network input ``[N, C, h, w]`` (float32, CPU)."""
         return self.standardize(self.resize(self.to_unit(batch)))
+
+
+def resize_image(image: np.ndarray, shape: tuple[int, int], antialias: bool = True) -> np.ndarray:
+    """A whole 2D image to ``shape`` (rows, columns): bilinear, pixel centres aligned, antialiased by default.
+
+    How a radiograph becomes a classifier's square crop, for training images
+    (8-bit JPEG) and scanner images (12-16 bit DICOM) alike; a package's
+    ``preprocessing["antialias"]`` says which way it was trained. Antialiasing
+    keeps a 3000-pixel detector image from aliasing where a 331-pixel JPEG would
+    not. Intensities stay in their units (resizing is linear, so the percentile
+    window of :class:`Preprocessor` sees the same image whatever the bit depth).
+
+    Raises
+    ------
+    PreprocessError
+        If ``image`` is not 2D or ``shape`` is not two positive ints.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2 or min(img.shape) < 1:
+        raise PreprocessError(f"image: expected a 2D image, got shape {img.shape}")
+    rows, cols = (int(v) for v in shape)
+    if rows < 1 or cols < 1:
+        raise PreprocessError(f"shape: must be two positive ints, got {shape!r}")
+    if img.shape == (rows, cols):
+        return img
+    t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+    out = F.interpolate(t, size=(rows, cols), mode="bilinear", align_corners=False, antialias=antialias)
+    return out[0, 0].numpy().astype(np.float32)

@@ -16,6 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from models.crops import CROP_SPECS
+from models.preprocess import resize_image as _resize_image
 from training.datasets import CropSet
 from training.errors import DataError
 from training.tasks import task_spec
@@ -32,10 +33,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def resize_image(image: np.ndarray, px: int) -> np.ndarray:
-    """Whole image to ``px x px`` (bilinear, pixel centres aligned), as the pipeline resizes radiographs."""
-    from worker.analysis import resize
+    """Whole image to ``px x px`` (bilinear, pixel centres aligned), as the pipeline resizes radiographs.
 
-    return resize(np.asarray(image, np.float32), (px, px))
+    Not antialiased, as for every package whose preprocessing does not ask for it
+    (:func:`models.preprocess.resize_image`).
+    """
+    return _resize_image(np.asarray(image, np.float32), (px, px), antialias=False)
 
 
 def read_dicom_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:

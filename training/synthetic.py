@@ -76,10 +76,10 @@ def _cut(series: phantom.RenderedSeries, disc: np.ndarray, spec: CropSpec, px: i
 
 
 def _xray_resize(image: np.ndarray, px: int) -> np.ndarray:
-    # the pipeline resizes the whole radiograph this way before classifying it
-    from worker.analysis import resize
+    # the pipeline resizes the whole radiograph this way for a package trained without antialiasing
+    from models.preprocess import resize_image
 
-    return resize(image, (px, px))
+    return resize_image(image, (px, px), antialias=False)
 
 
 def seed_crops(seed: int, modality: str, crop_px: dict[str, int], jitter_mm: float = 2.0) -> dict[str, list]:

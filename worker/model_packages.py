@@ -34,6 +34,7 @@ CLASSIFIER_TASKS: tuple[str, ...] = (
     "ct_disc",
     "ct_level",
     "xray",
+    "xray_spondylolisthesis",
 )
 TASKS: tuple[str, ...] = (LOCALIZER_TASK, *CLASSIFIER_TASKS)
 

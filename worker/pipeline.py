@@ -218,7 +218,7 @@ def _run_xray(run: Run, study: Study) -> None:
     if not images:
         _not_performed(run.result, "no usable lumbar X-ray image")
         return
-    analyze_xray(run, images)
+    analyze_xray(run, images, {s.series_instance_uid for s in study.series if s.role is R.XRAY_LAT})
 
 
 def _write_atomic(ds: Any, folder: Path) -> Path:
