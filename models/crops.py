@@ -30,7 +30,10 @@ class CropSpec:
     source series' images. ``lateral_mm`` moves the centre towards the patient's
     left (positive) or right (negative) before cropping; ``posterior_mm`` moves
     it posteriorly. ``mirror_right`` flips right-side crops left-right so one
-    model sees every side as if it were the left.
+    model sees every side as if it were the left. ``upright`` (sagittal planes)
+    samples the crop with rows running inferior and columns posterior within the
+    image plane, whatever way round the series is stored, so upper and lower
+    endplates and the anterior and posterior disc margins always sit the same way.
     """
 
     task: str
@@ -39,6 +42,7 @@ class CropSpec:
     lateral_mm: float = 0.0
     posterior_mm: float = 0.0
     mirror_right: bool = False
+    upright: bool = False
 
 
 #: Crop specifications per task (keyed by the model package's task name).
@@ -54,6 +58,9 @@ CROP_SPECS: dict[str, CropSpec] = {
         "mr_subarticular", "axial", size_mm=40.0, lateral_mm=10.0, posterior_mm=12.0, mirror_right=True
     ),
     "ct_disc": CropSpec("ct_disc", "axial", size_mm=100.0),
+    # Disc grading reads the disc with both endplates and a strip of each vertebral body
+    # (Modic changes, endplate defects), and the posterior margin (herniation, bulging).
+    "mr_disc_grading": CropSpec("mr_disc_grading", "sagittal", size_mm=56.0, upright=True),
 }
 
 
@@ -143,9 +150,24 @@ def crop_for_level(
 
     ``side`` is ``"L"``, ``"R"`` or None (midline). The crop's axes are the
     volume's image row and column directions, so a sagittal crop looks like the
-    sagittal image and an axial crop like the axial image.
+    sagittal image and an axial crop like the axial image; with ``spec.upright``
+    they are the in-plane posterior and inferior directions instead.
+
+    Raises
+    ------
+    ValueError
+        If ``spec.upright`` is set and the image plane holds no inferior direction.
     """
-    rdir, cdir, _ = slice_axes(affine)
+    rdir, cdir, normal = slice_axes(affine)
+    if spec.upright:
+        inferior = np.array([0.0, 0.0, -1.0])
+        cdir = inferior - (inferior @ normal) * normal
+        if np.linalg.norm(cdir) < 1e-6:
+            raise ValueError("spec: an upright crop needs an image plane with a superior-inferior direction")
+        cdir = cdir / np.linalg.norm(cdir)
+        rdir = np.cross(normal, cdir)
+        if rdir[1] < 0:  # columns run posterior
+            rdir = -rdir
     center = np.asarray(disc_mm, float).copy()
     sign = {None: 0.0, "L": 1.0, "R": -1.0}[side]
     center = center + sign * spec.lateral_mm * LEFT + spec.posterior_mm * np.array([0.0, 1.0, 0.0])

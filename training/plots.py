@@ -39,14 +39,20 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
 def plot_roc(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str], path: str | Path,
              aucs: dict[str, float] | None = None, title: str = "") -> Path:
     """One-vs-rest ROC curve per class."""
+    curves = {(f"{c} (AUC {aucs[c]:.3f})" if aucs and c in aucs else c): fpr_tpr
+              for c, fpr_tpr in roc_curves(y_true, probs, class_names).items()}
+    return plot_roc_curves(curves, path, title or "ROC, one vs rest")
+
+
+def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
+    """ROC curves ``label -> (false positive rate, true positive rate)`` in one figure."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for c, (fpr, tpr) in roc_curves(y_true, probs, class_names).items():
-        label = f"{c} (AUC {aucs[c]:.3f})" if aucs and c in aucs else c
+    for label, (fpr, tpr) in curves.items():
         ax.plot(fpr, tpr, label=label)
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title or "ROC, one vs rest")
+    ax.set_title(title or "ROC")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
