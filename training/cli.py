@@ -166,6 +166,12 @@ if _levels_cli is not None:
     train_app.command("levels", help="Train the level localizer (see training.levels_cli).")(_levels_cli.train)
     evaluate_app.command("levels", help="Evaluate the level localizer.")(_levels_cli.evaluate)
 
+from training import discs_cli as _discs_cli  # noqa: E402
+
+train_app.command("discs", help="Train the disc grader on SPIDER-format data (see training.discs_cli).")(
+    _discs_cli.train)
+evaluate_app.command("discs", help="Localize and grade the discs of a SPIDER-format folder.")(_discs_cli.evaluate)
+
 
 def main(args: list[str] | None = None) -> None:
     """``python -m training.cli train|evaluate ...`` without the project's CLI."""

@@ -28,6 +28,7 @@ LOCALIZER_TASK = "levels"
 #: Tasks of the classifier packages the pipeline uses.
 CLASSIFIER_TASKS: tuple[str, ...] = (
     "mr_disc",
+    "mr_disc_grading",
     "mr_canal",
     "mr_foramen",
     "mr_subarticular",
