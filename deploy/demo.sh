@@ -80,6 +80,9 @@ data_dir = "$VAR"
 redis_url = "redis://127.0.0.1:$REDIS_PORT/0"
 quiet_period = $QUIET_PERIOD
 flower_port = $FLOWER_PORT
+# The demo study is a synthetic phantom: analyses trained on phantoms only may report on it here.
+# A site's configuration leaves this false, so they never report on a patient.
+report_synthetic_models = true
 
 [[destinations]]
 name = "orthanc"
@@ -96,6 +99,8 @@ DISCUS_AET=DISCUS DISCUS_PORT=$LISTENER_PORT \
   "$PY" -c "import os, string, sys; print(string.Template(open(sys.argv[1]).read()).substitute(os.environ))" \
   deploy/orthanc.json >"$VAR/orthanc.json"
 
+echo "demo configuration: report_synthetic_models = true (phantom-trained analyses report on this"
+echo "  synthetic study; a site's default is false, which withholds them from patients' studies)"
 echo "starting services"
 start redis "$REDIS_PORT" redis-server "$ROOT/deploy/redis.conf" --port "$REDIS_PORT" --dir "$VAR/redis"
 wait_port redis "$REDIS_PORT" 15

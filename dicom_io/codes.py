@@ -133,7 +133,12 @@ _TABLE: dict[str, CodeEntry] = {
     "spondylolisthesis": _e("274152003", "SCT", "Spondylolisthesis",
                             "SNOMED CT 274152003 |Spondylolisthesis (disorder)|"),
     # --- Measurement -------------------------------------------------------------
-    "probability": _e("122157", "DCM", "Probability", "PS3.16 Annex D (DCM 122157)"),
+    # A bare "Probability" reads as "chance of disease"; these name what the number is.
+    "probability": _e("CALIBRATED-PROBABILITY", LOCAL_SCHEME, "Calibrated probability of the reported grade",
+                      "local; temperature-scaled on the model's out-of-fold predictions"),
+    "probability_uncalibrated": _e("UNCALIBRATED-PROBABILITY", LOCAL_SCHEME,
+                                   "Uncalibrated model score for the reported grade",
+                                   "local; the softmax of a model that was not calibrated"),
     "unit_ratio": _e("{ratio}", "UCUM", "ratio", "PS3.16 CID 7181 (UCUM)"),
     # --- Procedure reported (TID 1500), per source modality ----------------------
     "procedure_MR": _e("24968-0", "LN", "MR Lumbar spine", "LOINC/RSNA Playbook 24968-0"),

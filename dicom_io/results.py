@@ -132,6 +132,7 @@ class Finding:
     image: ImageRef
     laterality: LateralityValues | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
+    calibrated: bool = False  # probabilities temperature-scaled on out-of-fold predictions
 
     def __post_init__(self) -> None:
         self.condition = ConditionValues(self.condition)

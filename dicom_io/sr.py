@@ -297,7 +297,7 @@ def _group(
         ],
         measurements=[
             hd.sr.Measurement(
-                name=codes.code("probability"),
+                name=codes.code("probability" if finding.calibrated else "probability_uncalibrated"),
                 value=round(probability, 6),
                 unit=codes.code("unit_ratio"),
                 algorithm_id=_algorithm_id(result, finding),
@@ -317,10 +317,17 @@ def _check_findings(result: StudyResult) -> None:
             raise EncodingError(f"findings[{j}].probabilities: no probability for grade {f.grade!r}")
 
 
+def summary_notes(result: StudyResult) -> list[str]:
+    """What the radiologist must know beside the findings: analyses withheld and why, then warnings."""
+    notes = [f"Not reported: {task}: {why}" for task, why in sorted(result.not_run.items())]
+    notes += [f"Warning: {w}" for w in result.warnings]
+    return notes
+
+
 def _summary_group(
-    sop_uid: str, status_key: str, reason: str | None = None
+    sop_uid: str, status_key: str, reason: str | None = None, notes: Sequence[str] = ()
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group with the analysis outcome (CID 6047) and, if given, why."""
+    """TID 1501 group with the analysis outcome (CID 6047) and, if given, why, and notes."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=deterministic_uid("discus-tracking", sop_uid, "summary"),
@@ -333,12 +340,12 @@ def _summary_group(
             )
         ],
     )
-    if reason:
-        # TID 1501 has no slot for free text; the reason goes in as a TEXT comment item.
+    # TID 1501 has no slot for free text; the reason and notes go in as TEXT comment items.
+    for text in ([reason] if reason else []) + list(notes):
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.code("comment"),
-                value=reason[:1024],
+                value=text[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
@@ -456,7 +463,8 @@ def encode_sr(
         for f in sorted(result.findings, key=finding_sort_key)
     ]
     summary = _summary_group(
-        sop_uid, "succeeded_with_findings" if groups else "succeeded_without_findings"
+        sop_uid, "succeeded_with_findings" if groups else "succeeded_without_findings",
+        notes=summary_notes(result),
     )
     report = hd.sr.MeasurementReport(
         observation_context=_observer_context(result, manufacturer),
@@ -555,7 +563,8 @@ def read_sr(ds: Dataset) -> list[dict[str, Any]]:
                 item.ConceptCodeSequence[0].CodingSchemeDesignator,
             ).value
         condition, grade = _evaluation_of(group)
-        measurement = group.get_measurements(name=codes.code("probability"))[0]
+        measurement = (group.get_measurements(name=codes.code("probability"))
+                       or group.get_measurements(name=codes.code("probability_uncalibrated")))[0]
         algorithm = _algorithm_of(group)
         roi = group.roi
         column, row = (float(v) - 0.5 for v in roi.value[0])

@@ -14,11 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ConfigError
+from models.provenance import Provenance
 
 #: Keys a package's ``config.json`` must have.
 REQUIRED_KEYS: tuple[str, ...] = (
     "name", "architecture", "task", "version", "input_size", "in_chans", "class_names",
     "preprocessing", "model_kwargs", "training", "metrics", "weights", "sha256",
+)
+
+#: Keys a package's ``config.json`` may have.
+OPTIONAL_KEYS: tuple[str, ...] = (
+    "explain", "weights_sha256", "postprocessing", "provenance", "calibration", "domain_check",
 )
 
 
@@ -55,6 +61,19 @@ class ModelConfig:
         Hex SHA-256 of the weight file ("" until exported).
     explain : dict, optional
         Grad-CAM options (``multilayer``: combine several layers); optional key.
+    weights_sha256 : list of str, optional
+        For an ensemble (``weights`` a list of files): each member's SHA-256; ``sha256``
+        is then the digest of these (:func:`models.package.ensemble_sha256`).
+    postprocessing : dict, optional
+        Parameters of the step after the network (the level localizer's peak rules).
+    provenance : dict, optional
+        Training data, validation and validated domain (:class:`models.provenance.Provenance`);
+        a package without it is treated as unvalidated and does not report on studies.
+    calibration : dict, optional
+        Temperature scaling fitted on out-of-fold logits (``temperature``, ECE before and after).
+    domain_check : dict, optional
+        Input-domain reference (:mod:`models.domain`): ``file``, its ``sha256``, ``threshold``
+        and the measured shares flagged.
 
     Raises
     ------
@@ -73,15 +92,31 @@ class ModelConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    weights: str = "model.safetensors"
+    weights: str | list[str] = "model.safetensors"
     sha256: str = ""
     explain: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: list[str] = field(default_factory=list)
+    postprocessing: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    domain_check: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in ("name", "architecture", "task", "version", "weights"):
+        for key in ("name", "architecture", "task", "version"):
             val = getattr(self, key)
             if not isinstance(val, str) or not val:
                 raise ConfigError(f"{key}: must be a non-empty string, got {val!r}")
+        if isinstance(self.weights, (list, tuple)):
+            files = list(self.weights)
+            digests = list(self.weights_sha256)
+            if not files or not all(isinstance(w, str) and w for w in files) or len(digests) != len(files):
+                raise ConfigError(
+                    f"weights: an ensemble needs equally long 'weights' and 'weights_sha256' lists, "
+                    f"got {self.weights!r} and {self.weights_sha256!r}"
+                )
+            self.weights, self.weights_sha256 = files, [str(d) for d in digests]
+        elif not isinstance(self.weights, str) or not self.weights:
+            raise ConfigError(f"weights: must be a file name or a list of them, got {self.weights!r}")
         try:
             size = tuple(int(v) for v in self.input_size)
         except (TypeError, ValueError):
@@ -97,13 +132,40 @@ class ModelConfig:
         ):
             raise ConfigError(f"class_names: need >= 2 distinct non-empty names, got {self.class_names!r}")
         self.class_names = names
-        for key in ("preprocessing", "model_kwargs", "training", "metrics", "explain"):
+        for key in ("preprocessing", "model_kwargs", "training", "metrics", "explain", "postprocessing",
+                    "provenance", "calibration", "domain_check"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key}: must be a mapping, got {type(getattr(self, key)).__name__}")
         if not isinstance(self.sha256, str) or (
             self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256))
         ):
             raise ConfigError(f"sha256: must be 64 lower-case hex digits, got {self.sha256!r}")
+        if self.provenance:
+            Provenance.from_dict(self.provenance)  # raises ConfigError naming the bad field
+        temp = self.calibration.get("temperature", 1.0)
+        if not isinstance(temp, (int, float)) or not temp > 0:
+            raise ConfigError(f"calibration.temperature: must be a positive number, got {temp!r}")
+
+    @property
+    def weight_files(self) -> list[str]:
+        """The weight files: one, or an ensemble's members."""
+        return list(self.weights) if isinstance(self.weights, list) else [self.weights]
+
+    @property
+    def provenance_record(self) -> Provenance | None:
+        """The parsed provenance, or None when the package declares none."""
+        return Provenance.from_dict(self.provenance) if self.provenance else None
+
+    @property
+    def synthetic_only(self) -> bool:
+        """True when the package was trained on synthetic data only (or declares no provenance)."""
+        rec = self.provenance_record
+        return True if rec is None else rec.synthetic_only
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature (1.0 when the package was not calibrated)."""
+        return float(self.calibration.get("temperature", 1.0))
 
     @property
     def num_classes(self) -> int:
@@ -138,8 +200,9 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"config: missing keys {', '.join(missing)}")
         known = {k: data[k] for k in REQUIRED_KEYS}
-        if "explain" in data:
-            known["explain"] = data["explain"]
+        for key in OPTIONAL_KEYS:
+            if key in data:
+                known[key] = data[key]
         return cls(**known)
 
     @classmethod

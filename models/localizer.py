@@ -26,8 +26,6 @@ training (``training.levels``) so both see exactly the same pixels.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +36,7 @@ from scipy import ndimage
 from torch import nn
 
 from models.errors import PackageError
+from models.package import verify_package
 
 #: Vertebra and disc names, cranial to caudal (same as ``dicom_io.results``).
 VERTEBRAE: tuple[str, ...] = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
@@ -490,41 +489,6 @@ def derive_s1(anchor_mm: np.ndarray, l5_mm: np.ndarray, factor: float = 0.9) -> 
 # --------------------------------------------------------------------------- localizer
 
 
-def package_weights(config: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Weight file names and their sha256 digests from a levels package's config.
-
-    A single-model package names one file in ``weights`` with its digest in ``sha256``; an
-    ensemble lists its members' files in ``weights`` and their digests in ``weights_sha256``
-    (``sha256`` is then :func:`ensemble_sha256` of those, one digest for the whole package).
-
-    Raises
-    ------
-    PackageError
-        If the lists are missing, empty or of different lengths.
-    """
-    weights = config.get("weights", "model.safetensors")
-    if isinstance(weights, str):
-        return [weights], [str(config.get("sha256"))]
-    digests = config.get("weights_sha256")
-    if (not isinstance(weights, list) or not weights or not isinstance(digests, list)
-            or len(digests) != len(weights)):
-        raise PackageError("config: an ensemble needs equally long 'weights' and 'weights_sha256' lists")
-    return [str(w) for w in weights], [str(d) for d in digests]
-
-
-def ensemble_sha256(digests: Sequence[str]) -> str:
-    """One digest for an ensemble: sha256 of its members' hex digests joined by newlines."""
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class _Maps:
     heat: np.ndarray  # [n_candidates, C, H, W]
@@ -583,25 +547,11 @@ class LevelLocalizer:
         from safetensors.torch import load_file
 
         path = Path(path)
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise PackageError(f"path: no config.json in {path}")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PackageError(f"path: {cfg_path} is not valid JSON: {exc}") from exc
-        if cfg.get("task") != "levels":
-            raise PackageError(f"path: package task is {cfg.get('task')!r}, expected 'levels'")
-        names, digests = package_weights(cfg)
-        for name, want in zip(names, digests):
-            weights = path / name
-            if not weights.is_file():
-                raise PackageError(f"path: weights file {weights.name} missing in {path}")
-            digest = _sha256(weights)
-            if digest != want:
-                raise PackageError(f"path: sha256 of {weights.name} is {digest}, config says {want!r}")
-        if len(names) > 1 and cfg.get("sha256") != ensemble_sha256(digests):
-            raise PackageError(f"path: sha256 {cfg.get('sha256')!r} is not the digest of the members' sha256s")
+        config = verify_package(path)
+        if config.task != "levels":
+            raise PackageError(f"path: package task is {config.task!r}, expected 'levels'")
+        cfg = config.to_dict()
+        names = config.weight_files
         kwargs = dict(cfg.get("model_kwargs", {}))
         nets = []
         for name in names:

@@ -95,28 +95,46 @@ def read_config(path: str | Path) -> ModelConfig:
         raise PackageError(f"package {root}: bad {CONFIG_FILE}: {exc}") from None
 
 
+def ensemble_sha256(digests: list[str] | tuple[str, ...]) -> str:
+    """One digest for an ensemble: SHA-256 of its members' hex digests joined by newlines."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
 def verify_package(path: str | Path) -> ModelConfig:
-    """Check config completeness and the weight file's SHA-256; returns the config.
+    """Check config completeness and the weight files' SHA-256; returns the config.
+
+    A package holds one weight file (its digest in ``sha256``) or an ensemble's
+    list of files (their digests in ``weights_sha256``, and in ``sha256`` the
+    digest of those, :func:`ensemble_sha256`).
 
     Raises
     ------
     PackageError
-        If the config is incomplete, the weight file is missing, or its hash
+        If the config is incomplete, a weight file is missing, or a hash
         differs from the one recorded.
     """
     root = Path(path)
     cfg = read_config(root)
-    weights = root / cfg.weights
     if not cfg.sha256:
         raise PackageError(f"package {root}: config records no sha256 for {cfg.weights}")
-    if not weights.is_file():
-        raise PackageError(f"package {root}: weight file {cfg.weights} is missing")
-    digest = sha256_file(weights)
-    if digest != cfg.sha256:
-        raise PackageError(
-            f"package {root}: {cfg.weights} has sha256 {digest}, config says {cfg.sha256}; "
-            "the weights were changed or corrupted, refusing to load them"
-        )
+    files = cfg.weight_files
+    wanted = cfg.weights_sha256 if isinstance(cfg.weights, list) else [cfg.sha256]
+    for name, want in zip(files, wanted):
+        weights = root / name
+        if not weights.is_file():
+            raise PackageError(f"package {root}: weight file {name} is missing")
+        digest = sha256_file(weights)
+        if digest != want:
+            raise PackageError(
+                f"package {root}: {name} has sha256 {digest}, config says {want}; "
+                "the weights were changed or corrupted, refusing to load them"
+            )
+    if isinstance(cfg.weights, list) and cfg.sha256 != ensemble_sha256(cfg.weights_sha256):
+        raise PackageError(f"package {root}: sha256 {cfg.sha256} is not the digest of the members' sha256s")
+    if cfg.domain_check:
+        ref = root / str(cfg.domain_check.get("file", ""))
+        if not ref.is_file() or sha256_file(ref) != cfg.domain_check.get("sha256"):
+            raise PackageError(f"package {root}: domain reference {ref.name} is missing or its sha256 differs")
     return cfg
 
 
@@ -157,6 +175,8 @@ def load_package(path: str | Path, device: str | torch.device | None = None) -> 
     root = Path(path)
     cfg = verify_package(root)
     model = build_model(cfg)
+    if isinstance(cfg.weights, list):
+        raise PackageError(f"package {root}: an ensemble of {cfg.architecture} is loaded by its own task's loader")
     try:
         state = load_file(str(root / cfg.weights))
     except (SafetensorError, OSError) as exc:
@@ -219,16 +239,18 @@ def find_package(task: str, dirs: list[str | Path] | None = None) -> Path:
 
 
 def package_summary(config: ModelConfig) -> dict[str, str]:
-    """One line of ``discus models``: name, task, architecture, version, accuracy."""
+    """One line of ``discus models``: name, task, architecture, version, accuracy, provenance."""
     acc = config.metrics.get("accuracy")
+    rec = config.provenance_record
     return {
         "name": config.name, "task": config.task, "architecture": config.architecture,
         "version": config.version, "accuracy": f"{acc:.3f}" if isinstance(acc, (int, float)) else "",
         "sha256": config.sha256[:12],
+        "provenance": rec.one_line() if rec else "[NO PROVENANCE] declares no training data or validation",
     }
 
 
 __all__ = [
-    "SHIPPED_DIR", "build_model", "find_package", "installed_packages", "load_package",
+    "SHIPPED_DIR", "build_model", "ensemble_sha256", "find_package", "installed_packages", "load_package",
     "package_summary", "read_config", "save_package", "sha256_file", "verify_package",
 ]

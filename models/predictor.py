@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
+from models.domain import FeatureDomain, penultimate_features
 from models.errors import ModelError, PreprocessError
 from models.gradcam import GradCamExplainer
 from models.package import load_package
@@ -36,6 +37,9 @@ class Predictor:
         Where to run; CUDA when available, else CPU.
     batch_size : int
         Largest batch sent through the network at once.
+    domain : FeatureDomain, optional
+        Reference of the package's validated inputs; without it :meth:`assess`
+        reports no distances.
 
     Raises
     ------
@@ -51,6 +55,7 @@ class Predictor:
         config: ModelConfig,
         device: str | torch.device | None = None,
         batch_size: int = 32,
+        domain: FeatureDomain | None = None,
     ) -> None:
         if not isinstance(model, Classifier):
             raise TypeError(f"model: must be a registered Classifier, got {type(model).__name__}")
@@ -65,6 +70,8 @@ class Predictor:
         self.preprocess = Preprocessor.from_config(config)
         multilayer = config.explain.get("multilayer", config.architecture == "vit_ldh")
         self.explainer = GradCamExplainer(self.model, multilayer=bool(multilayer))
+        self.temperature = config.temperature
+        self.domain = domain
 
     @classmethod
     def from_package(cls, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32) -> Predictor:
@@ -76,7 +83,8 @@ class Predictor:
             If the package is incomplete, its hash does not match, or its weights do not fit.
         """
         model, cfg = load_package(path)
-        return cls(model, cfg, device=device, batch_size=batch_size)  # type: ignore[arg-type]
+        domain = FeatureDomain.load(Path(path) / str(cfg.domain_check["file"])) if cfg.domain_check else None
+        return cls(model, cfg, device=device, batch_size=batch_size, domain=domain)  # type: ignore[arg-type]
 
     @property
     def class_names(self) -> list[str]:
@@ -89,21 +97,43 @@ class Predictor:
         return [a[i:i + self.batch_size] for i in range(0, a.shape[0], self.batch_size)]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities ``[N, C]`` (float32, rows sum to 1) for raw crops ``[N, H, W]``.
+        """Calibrated class probabilities ``[N, C]`` (float32, rows sum to 1) for raw crops ``[N, H, W]``.
+
+        The logits are divided by the package's calibration temperature (1 when
+        it has none) before the softmax.
 
         Raises
         ------
         PreprocessError
             If the batch is not ``[N, H, W]`` or holds non-finite values.
         """
-        out = []
+        return self.assess(batch)[0]
+
+    def assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(probabilities [N, C], domain distances [N] or None)`` in one forward pass.
+
+        The distances are the Mahalanobis distances of the crops' penultimate
+        features to the package's validated inputs (:class:`models.domain.FeatureDomain`);
+        None when the package carries no reference.
+
+        Raises
+        ------
+        PreprocessError
+            If the batch is not ``[N, H, W]`` or holds non-finite values.
+        """
+        out, dist = [], []
         with torch.inference_mode():
             for chunk in self._chunks(batch):
                 x = self.preprocess(chunk).to(self.device)
                 with torch.autocast("cuda", enabled=self.device.type == "cuda"):
-                    logits = self.model(x)
-                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+                    if self.domain is not None:
+                        feats, logits = penultimate_features(self.model, x)
+                        dist.append(self.domain.distance(feats.float().cpu().numpy()))
+                    else:
+                        logits = self.model(x)
+                out.append(torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy())
+        probs = np.concatenate(out).astype(np.float32)
+        return probs, (np.concatenate(dist) if dist else None)
 
     def explain(self, batch: np.ndarray, target: Sequence[int] | None = None) -> np.ndarray:
         """Grad-CAM heatmaps ``[N, H, W]`` in [0, 1], in the pixels of the crops given.

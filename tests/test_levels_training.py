@@ -279,7 +279,7 @@ def test_train_command_cross_validates_and_ships_an_ensemble(tmp_path: Path) -> 
                                  "--seed", "5"])
     assert r.exit_code == 0, r.output
     cfg = json.loads((pkg / "config.json").read_text())
-    assert cfg["members"] == 2 and cfg["training"]["member_seeds"] == [5, 6]
+    assert len(cfg["weights"]) == 2 and cfg["training"]["member_seeds"] == [5, 6]
     assert len(LevelLocalizer.from_package(pkg).members) == 2
     for f in range(2):  # every fold was scored as an ensemble, with its own seeds
         fold_cfg = json.loads((out / "folds" / f"fold{f}" / "config.json").read_text())

@@ -266,7 +266,7 @@ def test_ensemble_package_averages_its_members_and_checks_every_digest(tmp_path:
     nets = [LevelNet(widths=(4, 8, 8)).eval() for _ in range(2)]
     pkg = save_package(nets, tmp_path / "ens", training={"steps": 0}, metrics={})
     cfg = json.loads((pkg / "config.json").read_text())
-    assert cfg["weights"] == ["model-0.safetensors", "model-1.safetensors"] and cfg["members"] == 2
+    assert cfg["weights"] == ["model-0.safetensors", "model-1.safetensors"] and len(cfg["weights_sha256"]) == 2
     assert len(cfg["sha256"]) == 64 and cfg["sha256"] not in cfg["weights_sha256"]
     loc = LevelLocalizer.from_package(pkg)
     assert len(loc.members) == 2

@@ -16,6 +16,7 @@ import pytest
 
 from dicom_io.results import DISCS, ConditionValues, StatusValues, StudyResult
 from worker.model_packages import ModelPackages
+from tests.phantom_settings import PHANTOMS
 from worker.pipeline import OutputStream, analyze_study, encode_outputs
 
 phantom = pytest.importorskip("dicom_io.phantom", reason="the phantom writer is not installed")
@@ -63,7 +64,7 @@ def _rewrite(src: Path, dst: Path, edit, keep=lambda ds: True) -> Path:
 
 def test_mr_study(mr_study: tuple[Path, dict], packages: ModelPackages) -> None:
     folder, gt = mr_study
-    res = analyze_study(folder, 1, packages=packages)
+    res = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.ANALYSED, res.reason
     assert res.modality == "MR"
     roles = {s.role.value for s in res.series}
@@ -110,7 +111,7 @@ def _sop_path(folder: Path, uid: str) -> Path:
 def test_missing_packages_are_reported_not_invented(mr_study: tuple[Path, dict], tmp_path: Path) -> None:
     folder, _ = mr_study
     empty = ModelPackages([tmp_path])
-    res = analyze_study(folder, 1, packages=empty)
+    res = analyze_study(folder, 1, packages=empty, settings=PHANTOMS)
     assert res.status is StatusValues.ANALYSED
     assert res.findings == [] and res.levels == []
     assert res.not_run["levels"] == f"no model package installed in {tmp_path}"
@@ -119,7 +120,7 @@ def test_missing_packages_are_reported_not_invented(mr_study: tuple[Path, dict],
 def test_encode_outputs_atomic_and_deterministic(mr_study: tuple[Path, dict], packages: ModelPackages,
                                                  tmp_path: Path) -> None:
     folder, _ = mr_study
-    res = analyze_study(folder, 1, packages=packages)
+    res = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
     first = encode_outputs(res, folder, tmp_path / "a")
     again = encode_outputs(res, folder, tmp_path / "b")
     assert first and [p.name for p in first] == [p.name for p in again]
@@ -139,7 +140,7 @@ def test_head_mr_is_not_performed(mr_study: tuple[Path, dict], tmp_path: Path, p
         ds.SeriesDescription = "AX T2 BRAIN"
 
     folder = _rewrite(mr_study[0], tmp_path / "head", head)
-    res = analyze_study(folder, 1, packages=packages)
+    res = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.NOT_PERFORMED and res.reason
     assert res.findings == []
     files = encode_outputs(res, folder, tmp_path / "out")
@@ -155,15 +156,15 @@ def test_localizer_only_and_garbage_are_not_performed(mr_study: tuple[Path, dict
 
     first_series = _files(mr_study[0])[0].parent
     folder = _rewrite(first_series, tmp_path / "loc", localizer)
-    res = analyze_study(folder, 1, packages=packages)
+    res = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.NOT_PERFORMED and res.reason
 
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.dcm").write_bytes(b"not dicom at all" * 20)
-    res = analyze_study(junk, 1, packages=packages)
+    res = analyze_study(junk, 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.NOT_PERFORMED and res.reason
-    res = analyze_study(tmp_path / "missing-folder", 1, packages=packages)
+    res = analyze_study(tmp_path / "missing-folder", 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.NOT_PERFORMED and res.reason
 
 
@@ -179,7 +180,7 @@ def test_no_geometry_series_is_skipped_with_warning(mr_study: tuple[Path, dict],
                     delattr(ds, kw)
 
     folder = _rewrite(mr_study[0], tmp_path / "nogeo", strip)
-    res = analyze_study(folder, 1, packages=packages)
+    res = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.ANALYSED, res.reason
     # Either the rules set it aside or its volume failed; never a crash, and it is said.
     used = {s.series_instance_uid: s for s in res.series}
@@ -190,7 +191,7 @@ def test_no_geometry_series_is_skipped_with_warning(mr_study: tuple[Path, dict],
 @pytest.mark.parametrize("modality", ["CT", "DX"])
 def test_ct_and_xray_studies(modality: str, tmp_path: Path, packages: ModelPackages) -> None:
     gt = json.loads(Path(phantom.write_demo_study(tmp_path, modality, seed=5)).read_text())
-    res = analyze_study(tmp_path, 1, packages=packages)
+    res = analyze_study(tmp_path, 1, packages=packages, settings=PHANTOMS)
     assert res.status is StatusValues.ANALYSED, res.reason
     tasks = ("ct_disc",) if modality == "CT" else ("xray",)
     for task in tasks:
@@ -249,7 +250,7 @@ def test_mr_geometry_on_dicom_with_oracle_levels(mr_study: tuple[Path, dict], tm
     objs = {"levels": Oracle(), "mr_canal": Middle("mr_canal", sten), "mr_foramen": Middle("mr_foramen", sten),
             "mr_subarticular": Middle("mr_subarticular", sten),
             "mr_disc": Middle("mr_disc", ["normal", "bulging", "herniation"])}
-    res = analyze_study(folder, 1, packages=ModelPackages.from_loaded(objs))
+    res = analyze_study(folder, 1, packages=ModelPackages.from_loaded(objs), settings=PHANTOMS)
     assert res.status is StatusValues.ANALYSED and res.not_run == {}, (res.not_run, res.warnings)
     assert len(res.findings) == 5 * 6
     study = load_study(folder)
@@ -313,6 +314,7 @@ def test_mr_with_real_predictors_untrained(mr_study: tuple[Path, dict]) -> None:
             "mr_disc": predictor("mr_disc", ["normal", "bulging", "herniation"])}
 
     class Everything:  # Grad-CAM for every finding, whatever the grade
+        report_synthetic_models = True
         heatmap_min_severity = 0
 
     res = analyze_study(folder, 1, packages=ModelPackages.from_loaded(objs), settings=Everything())
@@ -326,3 +328,22 @@ def test_mr_with_real_predictors_untrained(mr_study: tuple[Path, dict]) -> None:
         assert 0.0 <= f.heatmap.min() and f.heatmap.max() <= 1.0
     assert set(res.not_run) == {"mr_foramen", "mr_subarticular"}
     assert res.timings["explain"] > 0 and res.timings["classify"] > 0
+
+
+def test_default_settings_withhold_phantom_trained_analyses(mr_study: tuple[Path, dict],
+                                                            packages: ModelPackages) -> None:
+    """A site's default: no finding from a package that never saw a patient, and the result says why."""
+    from worker.analysis import SYNTHETIC_ONLY_REASON
+
+    folder, _ = mr_study
+    res = analyze_study(folder, 1, packages=packages)
+    assert res.status is StatusValues.ANALYSED, res.reason
+    synthetic = [t for t in MR_TASKS if packages.get(t) is not None and packages.synthetic_only(t)]
+    assert synthetic, "the shipped MR classifiers are phantom-trained; this test needs one"
+    for task in synthetic:
+        assert res.not_run[task] == SYNTHETIC_ONLY_REASON
+        assert not [f for f in res.findings if f.condition is MR_TASKS[task]]
+    assert {m.task for m in res.models}.isdisjoint(synthetic)
+    # the level localizer learned from patients: it still reports
+    if packages.get("levels") is not None:
+        assert not packages.synthetic_only("levels") and "levels" not in res.not_run

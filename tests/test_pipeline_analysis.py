@@ -107,6 +107,7 @@ def _packages(**extra) -> tuple[ModelPackages, dict]:
 
 
 def _run(packages: ModelPackages, **opts) -> Run:
+    opts.setdefault("report_synthetic_models", True)  # the fake packages declare no provenance
     return Run(StudyResult("1.2.3", 1), packages, AnalysisOptions(**opts))
 
 

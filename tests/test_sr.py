@@ -138,7 +138,8 @@ def test_header_contract(result, sources, sr):
     for g in groups:
         names = {(i.name.value, i.name.scheme_designator) for i in g[0].ContentSequence}
         assert ("111001", "DCM") in names and ("111003", "DCM") in names
-        (m,) = g.get_measurements(name=codes.code("probability"))
+        (m,) = (g.get_measurements(name=codes.code("probability"))
+                + g.get_measurements(name=codes.code("probability_uncalibrated")))
         assert m.unit.value == "{ratio}"
         assert g.roi.graphic_type.value == "POINT"
 
@@ -148,6 +149,32 @@ def test_summary_says_whether_there_were_findings(sr, sources):
     empty = roundtrip(encode_sr(_empty(sources), sources))
     assert read_status(empty)[0] == "All algorithms succeeded; without findings"
     assert read_sr(empty) == []
+
+
+def test_probability_names_what_it_is_and_withheld_analyses_are_listed(result, sources):
+    r = copy.copy(result)
+    r.findings = [copy.copy(f) for f in result.findings]
+    r.findings[0].calibrated = True
+    r.not_run = {"mr_foramen": "trained on synthetic data only; not validated on patient images"}
+    r.warnings = ["levels counted from the sacrum only"]
+    ds = roundtrip(encode_sr(r, sources))
+    text = dsrdump(ds)
+    assert "Calibrated probability of the reported grade" in text
+    assert "Uncalibrated model score for the reported grade" in text  # the other 29
+    assert '"Probability"' not in text
+    def comments(items):
+        for item in items:
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == "Comment":
+                yield str(item.TextValue)
+            yield from comments(getattr(item, "ContentSequence", []))
+
+    notes = list(comments(ds.ContentSequence))
+    assert notes == ["Not reported: mr_foramen: trained on synthetic data only; not validated on patient images",
+                     "Warning: levels counted from the sacrum only"]
+    assert len(read_sr(ds)) == len(r.findings)
+    if shutil.which("dciodvfy"):
+        report = dciodvfy(ds)
+        assert report.ok, report
 
 
 def test_procedure_reported_is_the_imaging_procedure(sr):

@@ -85,10 +85,22 @@ def test_doctor_reports_an_unreachable_destination(config: Path) -> None:
     assert "FAIL destination nowhere" in cp.stdout
 
 
-def test_models_lists_architectures_and_what_is_not_installed() -> None:
+def test_models_lists_every_shipped_package_with_its_provenance() -> None:
+    from models.package import SHIPPED_DIR
+
     cp = discus("models", timeout=180)
     assert cp.returncode == 0, cp.stderr
     assert "architectures:" in cp.stdout
+    # the level localizer is an ensemble (a list of weights): it is installed, not "not installed"
+    assert "not installed" not in cp.stdout, cp.stdout
+    lines = [ln.strip() for ln in cp.stdout.splitlines()]
+    for cfg_path in sorted(SHIPPED_DIR.glob("*/config.json")):
+        cfg = json.loads(cfg_path.read_text())
+        mine = [ln for ln in lines if ln.startswith(f"{cfg['name']} {cfg['version']}:")]
+        assert len(mine) == 1, (cfg["name"], cp.stdout)
+        kinds = {src["kind"] for src in cfg["provenance"]["training_data"]}
+        assert ("[SYNTHETIC ONLY]" in mine[0]) == (kinds == {"synthetic"}), mine[0]
+    assert "report_synthetic_models = false" in cp.stdout
 
 
 def test_worker_parent_and_listener_do_not_import_torch() -> None:

@@ -35,7 +35,6 @@ from models.localizer import (
     LevelNet,
     LocalizationResult,
     SagittalGrid,
-    ensemble_sha256,
     grid_to_voxel,
     normalise,
     resample_slices,
@@ -755,11 +754,11 @@ def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, traini
 
     One network gives ``model.safetensors``; an ensemble gives ``model-0.safetensors``,
     ``model-1.safetensors``, ... listed in ``weights`` with ``weights_sha256`` (see
-    :func:`models.localizer.package_weights`).
+    :func:`models.package.verify_package`).
     """
-    import hashlib
-
     from safetensors.torch import save_file
+
+    from models.package import ensemble_sha256, sha256_file
 
     nets = list(net) if isinstance(net, (list, tuple)) else [net]
     if not nets:
@@ -773,10 +772,10 @@ def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, traini
     for name, n in zip(names, nets):
         state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in n.state_dict().items()}
         save_file(state, str(out / name))
-        digests.append(hashlib.sha256((out / name).read_bytes()).hexdigest())
+        digests.append(sha256_file(out / name))
     weights: dict[str, Any] = ({"weights": names[0], "sha256": digests[0]} if len(nets) == 1 else
                                {"weights": names, "weights_sha256": digests,
-                                "sha256": ensemble_sha256(digests), "members": len(nets)})
+                                "sha256": ensemble_sha256(digests)})
     cfg = {
         "name": "discus-levels",
         "architecture": "LevelNet",
@@ -793,10 +792,31 @@ def save_package(net: LevelNet | Sequence[LevelNet], out_dir: str | Path, traini
         "model_kwargs": {"widths": list(nets[0].widths)},
         "training": training,
         "metrics": metrics,
+        "provenance": levels_provenance(training, metrics),
         **weights,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def levels_provenance(training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The package's ``provenance``: the real volumes and phantoms it learned from, and how it was scored."""
+    data = training.get("data", {}) if isinstance(training.get("data"), dict) else {}
+    sources = [{"name": "lumbar-mri-levels (real sagittal MRI volumes, T2 TSE and water-fat gradient echo)",
+                "kind": "real", "cases": int(data.get("cases", 0))}]
+    phantoms = training.get("phantoms")
+    if isinstance(phantoms, dict) and phantoms.get("series"):
+        sources.append({"name": f"synthetic phantom sagittal series, seeds {phantoms.get('seeds', '')}",
+                        "kind": "synthetic", "cases": int(phantoms["series"])})
+    figures = {k: metrics[k] for k in ("id_rate", "mean_error_mm", "disc_id_rate", "studies_mislabelled")
+               if k in metrics}
+    return {
+        "training_data": sources,
+        "validation": {"method": "internal cross-validation",
+                       "description": str(metrics.get("evaluation", "case-grouped cross-validation")),
+                       "figures": figures},
+        "domain": {"modality": "MR", "series_roles": ["SAG_T2", "SAG_STIR"], "body_part": "lumbar spine"},
+    }
 
 
 def merge_packages(packages: Sequence[str | Path], out_dir: str | Path, training: dict[str, Any],
@@ -1009,7 +1029,7 @@ def write_model_card(package_dir: str | Path, cv: dict[str, Any] | None, notes: 
         f"{cfg['model_kwargs']['widths']}) sees each image with its two neighbours and outputs three "
         "heatmaps: vertebral body centres, disc centres, and the L5-S1 disc.",
     ]
-    n_members = int(cfg.get("members", 1))
+    n_members = len(cfg["weights"]) if isinstance(cfg.get("weights"), list) else 1
     if n_members > 1:
         lines += [
             f"- An ensemble of {n_members} such networks, trained the same way with seeds "

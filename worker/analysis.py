@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 DEFAULT_GRADED_LEVELS: tuple[str, ...] = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 
 
+#: Why an analysis whose package never saw a patient is withheld.
+SYNTHETIC_ONLY_REASON = "trained on synthetic data only; not validated on patient images"
+
+
 @dataclass(frozen=True)
 class AnalysisOptions:
     """Knobs of the analysis.
@@ -57,6 +61,9 @@ class AnalysisOptions:
         Largest number of crops in one forward pass.
     graded_levels
         Disc levels that are graded.
+    report_synthetic_models
+        Let packages trained on synthetic data only report on the study; when
+        False (the default) their analyses are listed in ``not_run`` instead.
     """
 
     heatmap_min_severity: int = 1
@@ -64,6 +71,7 @@ class AnalysisOptions:
     low_confidence: float = 0.5
     max_batch: int = 32
     graded_levels: tuple[str, ...] = DEFAULT_GRADED_LEVELS
+    report_synthetic_models: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.heatmap_min_severity <= 3:
@@ -122,6 +130,9 @@ class Run:
         obj = self.packages.get(task)
         if obj is None:
             self.result.not_run.setdefault(task, self.packages.reason(task))
+            return None
+        if self.packages.synthetic_only(task) and not self.options.report_synthetic_models:
+            self.result.not_run.setdefault(task, SYNTHETIC_ONLY_REASON)
             return None
         if task not in self.used:
             info = self.packages.info(task)
@@ -336,6 +347,30 @@ def classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> l
         return []
 
 
+def within_domain_filter(
+    run: Run, predictor: Any, jobs: Sequence[CropJob], condition: ConditionValues,
+    distances: Sequence[np.ndarray | None],
+) -> np.ndarray:
+    """Boolean ``[N]``: crops outside the package's validated input domain.
+
+    Each such crop gets no finding, only a warning naming the level, the
+    condition and the distance against the package's threshold.
+    """
+    domain = getattr(predictor, "domain", None)
+    if domain is None or any(d is None for d in distances):
+        return np.zeros(len(jobs), dtype=bool)
+    dist = np.concatenate([np.asarray(d, float) for d in distances])
+    out = dist > domain.threshold
+    for j, d, o in zip(jobs, dist, out):
+        if o:
+            side = f" {j.side.value}" if getattr(j, "side", None) is not None else ""
+            run.warn(
+                f"{j.level}{side} {condition.value}: finding withheld: the image is unlike those the model "
+                f"was validated on (feature distance {d:.1f} > threshold {domain.threshold:.1f})"
+            )
+    return out
+
+
 def _classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> list[Finding]:
     """Run one task's classifier on all its crops, then Grad-CAM for graded findings.
 
@@ -355,12 +390,15 @@ def _classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> 
         return []
     crops = np.stack([j.crop for j in jobs]).astype(np.float32)
     with run.stage("classify"):
-        probs = np.concatenate(
-            [
-                np.asarray(predictor.predict(crops[i : i + run.options.max_batch]), float)
-                for i in range(0, len(crops), run.options.max_batch)
-            ]
-        )
+        assess = getattr(predictor, "assess", None) or (lambda c: (predictor.predict(c), None))
+        parts = [assess(crops[i : i + run.options.max_batch])
+                 for i in range(0, len(crops), run.options.max_batch)]
+    probs = np.concatenate([np.asarray(p, float) for p, _ in parts])
+    outside = within_domain_filter(run, predictor, jobs, condition, [d for _, d in parts])
+    if outside.all():
+        return []
+    keep = [i for i in range(len(jobs)) if not outside[i]]
+    jobs, crops, probs = [jobs[i] for i in keep], crops[keep], probs[keep]
     cls = probs.argmax(axis=1)
     severity = [GRADES[condition].index(grades[c]) for c in cls]
     explain = [i for i, s in enumerate(severity) if s >= run.options.heatmap_min_severity]
@@ -395,6 +433,7 @@ def _classify(run: Run, jobs: Sequence[CropJob], condition: ConditionValues) -> 
                 image=image_ref(j.volume, j.pick.slice_index, float(r), float(c)),
                 laterality=j.side,
                 heatmap=h,
+                calibrated=bool(getattr(getattr(predictor, "config", None), "calibration", None)),
             )
         )
     return findings

@@ -468,6 +468,11 @@ def models() -> None:
         summary = package_summary(cfg)
         table.add_row(*(summary[c] for c in cols))
     console.print(table)
+    console.print("provenance (report_synthetic_models = "
+                  f"{'true: synthetic-only packages report' if s.report_synthetic_models else 'false: synthetic-only packages are withheld'}):")
+    for cfg in found:
+        console.print(f"  {cfg.name} {cfg.version}: {package_summary(cfg)['provenance']}", soft_wrap=True,
+                      markup=False)
     from worker.model_packages import TASKS
 
     missing = [t for t in TASKS if t not in present]

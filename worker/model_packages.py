@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dicom_io.results import ModelInfo
+from models.config import ModelConfig
+from models.package import read_config
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class ModelPackages:
         self.loaded: dict[str, Any] = {}
         self.missing: dict[str, str] = {}
         self.paths: dict[str, Path] = {}
+        self.configs: dict[str, ModelConfig] = {}
         for task in TASKS:
             if task not in wanted:
                 self.missing[task] = "not requested"
@@ -131,6 +134,7 @@ class ModelPackages:
             return
         self.loaded[task] = obj
         self.paths[task] = folder
+        self.configs[task] = read_config(folder)
 
     @classmethod
     def from_loaded(cls, loaded: dict[str, Any], *, reason: str = "not provided") -> ModelPackages:
@@ -148,7 +152,25 @@ class ModelPackages:
         self.loaded = dict(loaded)
         self.missing = {t: reason for t in TASKS if t not in loaded}
         self.paths = {t: Path(t) for t in loaded}
+        for t, obj in loaded.items():
+            cfg = getattr(obj, "config", None)
+            if isinstance(cfg, ModelConfig):
+                self.configs[t] = cfg
+            elif isinstance(cfg, dict):
+                try:
+                    self.configs[t] = ModelConfig.from_dict(cfg)
+                except ValueError:
+                    pass
         return self
+
+    def synthetic_only(self, task: str) -> bool:
+        """Whether the package for ``task`` was trained on synthetic data only.
+
+        A package that declares no provenance counts as synthetic-only: nothing
+        says it was validated on patients.
+        """
+        cfg = self.configs.get(task)
+        return True if cfg is None else cfg.synthetic_only
 
     def _device_kw(self) -> dict[str, str]:
         return {"device": self.device} if self.device else {}

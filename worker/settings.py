@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     model_dirs: list[Path] = Field(default_factory=list)  # default: models/packages
     device: str | None = None  # torch device for the models ("cpu", "cuda"); None: each package's
     write_not_performed_sr: bool = True
+    # Packages trained on synthetic data only report on studies only where the site allows it
+    report_synthetic_models: bool = False
     # Analysis options (worker.analysis.AnalysisOptions); None keeps that class's default
     heatmap_min_severity: int | None = Field(default=None, ge=0, le=3)  # Grad-CAM from this grade index
     slice_tolerance_mm: float | None = Field(default=None, gt=0)  # crop centre to source image, at most

@@ -214,7 +214,8 @@ def test_synthetic_accuracy_with_true_levels(tmp_path: Path, packages) -> None:
     from types import SimpleNamespace
 
     from dicom_io.phantom import write_demo_study
-    from worker.pipeline import analyze_study
+    from tests.phantom_settings import PHANTOMS
+from worker.pipeline import analyze_study
 
     _need(packages, "mr_disc", "mr_canal", "mr_foramen", "mr_subarticular", "ct_disc")
     pairs: dict[tuple[str, ConditionValues], list[tuple[str, str]]] = defaultdict(list)
@@ -232,7 +233,7 @@ def test_synthetic_accuracy_with_true_levels(tmp_path: Path, packages) -> None:
                     return SimpleNamespace(points=pts, warnings=[], reason=None)
 
             loaded = {**packages.loaded, "levels": Oracle()}
-            result = analyze_study(folder, 1, packages=ModelPackages.from_loaded(loaded))
+            result = analyze_study(folder, 1, packages=ModelPackages.from_loaded(loaded), settings=PHANTOMS)
             for f in result.findings:
                 side = f.laterality.value if f.laterality else None
                 pairs[(modality, f.condition)].append(
@@ -240,7 +241,7 @@ def test_synthetic_accuracy_with_true_levels(tmp_path: Path, packages) -> None:
     for seed in DX_SEEDS:  # radiographs have no levels: the shipped packages as they are
         folder = tmp_path / f"DX-{seed}"
         truth = json.loads(Path(write_demo_study(folder, "DX", seed=seed)).read_text())
-        for f in analyze_study(folder, 1, packages=packages).findings:
+        for f in analyze_study(folder, 1, packages=packages, settings=PHANTOMS).findings:
             label = _xray_truth(truth["xray"], folder, {"sop_instance_uid": f.image.sop_instance_uid})
             pairs[("DX", f.condition)].append((label, f.grade))
     failures = _compare(pairs, packages)

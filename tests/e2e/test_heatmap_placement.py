@@ -22,6 +22,7 @@ import pytest
 
 from dicom_io.results import ConditionValues
 from worker.model_packages import ModelPackages
+from tests.phantom_settings import PHANTOMS
 from worker.pipeline import analyze_study, encode_outputs
 
 pytestmark = [pytest.mark.slow]
@@ -68,7 +69,7 @@ def test_herniation_heatmap_on_its_half_of_the_disc(seed: int, side: str, levels
                 return SimpleNamespace(points=pts, warnings=[], reason=None)
 
         packages = ModelPackages.from_loaded({**packages.loaded, "levels": Oracle()})
-    result = analyze_study(folder, 1, packages=packages)
+    result = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
     disc = [f for f in result.findings if f.condition is ConditionValues.DISC and f.level == "L4-L5"]
     assert disc, (result.not_run, result.warnings)
     f = disc[0]
