@@ -58,6 +58,8 @@ CROP_SPECS: dict[str, CropSpec] = {
         "mr_subarticular", "axial", size_mm=40.0, lateral_mm=10.0, posterior_mm=12.0, mirror_right=True
     ),
     "ct_disc": CropSpec("ct_disc", "axial", size_mm=100.0),
+    # paper A's level classifier sees the same axial field as the disc grader
+    "ct_level": CropSpec("ct_level", "axial", size_mm=100.0),
     # Disc grading reads the disc with both endplates and a strip of each vertebral body
     # (Modic changes, endplate defects), and the posterior margin (herniation, bulging).
     "mr_disc_grading": CropSpec("mr_disc_grading", "sagittal", size_mm=56.0, upright=True),
@@ -168,11 +170,59 @@ def crop_for_level(
         rdir = np.cross(normal, cdir)
         if rdir[1] < 0:  # columns run posterior
             rdir = -rdir
-    center = np.asarray(disc_mm, float).copy()
-    sign = {None: 0.0, "L": 1.0, "R": -1.0}[side]
-    center = center + sign * spec.lateral_mm * LEFT + spec.posterior_mm * np.array([0.0, 1.0, 0.0])
+    center = offset_point(disc_mm, spec, side)
     mirror = bool(spec.mirror_right and side == "R")
     return extract_crop(array, affine, center, rdir, cdir, spec.size_mm, out_px, mirror=mirror)
+
+
+def offset_point(disc_mm: np.ndarray, spec: CropSpec, side: str | None = None) -> np.ndarray:
+    """The crop centre of ``spec`` for a disc point: moved laterally (``side`` L/R) and posteriorly."""
+    if side not in (None, "L", "R"):
+        raise ValueError(f"side: must be 'L', 'R' or None, got {side!r}")
+    sign = {None: 0.0, "L": 1.0, "R": -1.0}[side]
+    return np.asarray(disc_mm, float) + sign * spec.lateral_mm * LEFT + spec.posterior_mm * np.array([0.0, 1.0, 0.0])
+
+
+def snap_to_plane(affine: np.ndarray, n_slices: int, point_mm: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """The image plane of a stack nearest a point: ``(point projected onto it, slice index, signed distance)``.
+
+    The index is the point's slice coordinate rounded and clipped to the stack,
+    so a point beyond either end picks the end image with its true, large distance.
+    """
+    a = np.asarray(affine, float)
+    p = np.asarray(point_mm, float).reshape(3)
+    inv = np.linalg.inv(a)
+    k = int(np.clip(np.rint((inv[:3, :3] @ p + inv[:3, 3])[2]), 0, n_slices - 1))
+    _, _, normal = slice_axes(a)
+    origin_k = a[:3, :3] @ np.array([0.0, 0.0, float(k)]) + a[:3, 3]
+    dist = float(np.dot(p - origin_k, normal))
+    return p - dist * normal, k, dist
+
+
+def crop_at_disc(
+    array: np.ndarray,
+    affine: np.ndarray,
+    disc_mm: np.ndarray,
+    spec: CropSpec,
+    out_px: int,
+    side: str | None = None,
+) -> tuple[np.ndarray, CropGeometry, int, float]:
+    """The one crop path of training and inference: offset, snap, crop.
+
+    The crop centre (the disc point plus the spec's offsets) is moved along the
+    slice normal onto the nearest image plane, so the crop is exactly that
+    image's pixels resampled (and its heatmap maps back onto that image); the
+    crop is then cut as :func:`crop_for_level` does and resized to ``out_px``.
+
+    Returns
+    -------
+    (crop, geometry, slice index, distance mm from the offset point to that plane)
+    """
+    a = np.asarray(array)
+    target = offset_point(disc_mm, spec, side)
+    snapped, k, dist = snap_to_plane(affine, a.shape[0], target)
+    crop, geom = crop_for_level(a, affine, np.asarray(disc_mm, float) + (snapped - target), spec, out_px, side)
+    return crop, geom, k, dist
 
 
 def crop_to_image(

@@ -4,7 +4,7 @@ For each seed an anatomy is drawn with balanced findings (every grade of every
 condition equally likely and independent at each lumbar disc; X-ray labels
 uniform), rendered like ``discus demo-study`` renders it (sagittal T2 and T1 and
 axial T2 MR, axial CT, AP and lateral radiographs), and cropped with
-:func:`models.crops.crop_for_level` around the true disc points, moved (as the
+:func:`models.crops.crop_at_disc` around the true disc points, moved (as the
 pipeline does) onto the nearest image and jittered by a few millimetres to
 imitate localizer error. Labels come from the phantom's ground truth.
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dicom_io import phantom
-from models.crops import CROP_SPECS, LEFT, CropSpec, crop_for_level
+from models.crops import CROP_SPECS, CropSpec, crop_at_disc
 from training.datasets import CropSet
 from training.errors import DataError
 from training.tasks import task_spec
@@ -40,7 +40,6 @@ MODALITY_TASKS: dict[str, tuple[str, ...]] = {
 #: Default cache of rendered crop sets (outside the runtime folder, which demos reset).
 DEFAULT_CACHE = Path(os.environ.get("DISCUS_CACHE", Path.home() / ".cache" / "discus")) / "synthetic"
 #: Crop spec of the CT level task (paper A: the axial image at the disc, same field as ct_disc).
-CT_LEVEL_SPEC = CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size_mm)
 
 
 def balanced_findings(rng: np.random.Generator) -> dict[str, phantom.LevelFindings]:
@@ -56,23 +55,10 @@ def balanced_findings(rng: np.random.Generator) -> dict[str, phantom.LevelFindin
     return out
 
 
-def _snap(affine: np.ndarray, shape: tuple[int, ...], point: np.ndarray) -> np.ndarray:
-    """Move ``point`` along the slice normal onto the nearest image plane of a volume."""
-    inv = np.linalg.inv(affine)
-    vox = inv[:3, :3] @ point + inv[:3, 3]
-    k = float(np.clip(np.round(vox[2]), 0, shape[0] - 1))
-    snapped = np.array([vox[0], vox[1], k])
-    return affine[:3, :3] @ snapped + affine[:3, 3]
-
-
 def _cut(series: phantom.RenderedSeries, disc: np.ndarray, spec: CropSpec, px: int, side: str | None,
          jitter: np.ndarray) -> np.ndarray:
-    sign = {None: 0.0, "L": 1.0, "R": -1.0}[side]
-    point = disc + jitter
-    target = point + sign * spec.lateral_mm * LEFT + spec.posterior_mm * np.array([0.0, 1.0, 0.0])
-    shift = _snap(series.affine, series.array.shape, target) - target
-    crop, _ = crop_for_level(series.array, series.affine, point + shift, spec, px, side)
-    return crop
+    # the pipeline's own crop path (models.crops.crop_at_disc) at a jittered disc point
+    return crop_at_disc(series.array, series.affine, disc + jitter, spec, px, side)[0]
 
 
 def _xray_resize(image: np.ndarray, px: int) -> np.ndarray:
@@ -121,7 +107,7 @@ def seed_crops(seed: int, modality: str, crop_px: dict[str, int], jitter_mm: flo
                                        phantom.DISC_GRADES.index(f.disc), {"seed": int(seed), "level": disc}))
             names = task_spec("ct_level").class_names
             if "ct_level" in out and disc in names:
-                out["ct_level"].append((_cut(ct, p, CT_LEVEL_SPEC, crop_px["ct_level"], None, jit()),
+                out["ct_level"].append((_cut(ct, p, CROP_SPECS["ct_level"], crop_px["ct_level"], None, jit()),
                                         names.index(disc), {"seed": int(seed), "level": disc}))
         return out
     series = {}

@@ -2,7 +2,7 @@
 
 A :class:`Run` carries one study's :class:`~dicom_io.results.StudyResult` while the
 MR, CT and X-ray analyses fill it. Crops are made only with
-:func:`models.crops.crop_for_level` (the classifiers were trained on exactly these
+:func:`models.crops.crop_at_disc` (the classifiers were trained on exactly these
 crops), centred on the nearest source image so that every crop and every heatmap
 belongs to one real image of the study.
 """
@@ -29,7 +29,7 @@ from dicom_io.results import (
     StudyResult,
 )
 from dicom_io.volume import Volume
-from models.crops import LEFT, CROP_SPECS, CropGeometry, CropSpec, crop_for_level, crop_to_image
+from models.crops import CROP_SPECS, CropGeometry, CropSpec, crop_at_disc, crop_to_image, offset_point
 from worker.geometry import SlicePick, pick_slice
 from worker.model_packages import ModelPackages
 
@@ -289,15 +289,11 @@ def crop_job(
         The job, or None with the reason no image was accepted.
     """
     spec = spec or CROP_SPECS[task]
-    disc = np.asarray(disc_mm, float)
-    sign = {None: 0.0, "L": 1.0, "R": -1.0}[side]
-    target = disc + sign * spec.lateral_mm * LEFT + spec.posterior_mm * np.array([0.0, 1.0, 0.0])
-    pick, why = pick_slice(volumes, target, tolerance_mm)
+    pick, why = pick_slice(volumes, offset_point(disc_mm, spec, side), tolerance_mm)
     if pick is None:
         return None, why
     vol = volumes[pick.volume_index]
-    shift = np.asarray(pick.snapped_mm) - target
-    crop, geom = crop_for_level(vol.array, vol.affine, disc + shift, spec, out_px, side)
+    crop, geom, _, _ = crop_at_disc(vol.array, vol.affine, disc_mm, spec, out_px, side)
     return CropJob(task, level, side, crop, geom, vol, pick), ""
 
 

@@ -20,7 +20,7 @@ from models.crops import CROP_SPECS, CropSpec
 
 #: The level classifier's crop: its own spec when models.crops has one, else the disc classifier's
 #: axial field of view.
-CT_LEVEL_SPEC = CROP_SPECS.get("ct_level") or CropSpec("ct_level", "axial", size_mm=CROP_SPECS["ct_disc"].size_mm)
+CT_LEVEL_SPEC = CROP_SPECS["ct_level"]
 
 
 #: Left-right extent of the sagittal reformat: wider than the band of images the localizer reads.

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_io.volume import Volume
-from models.crops import slice_axes
+from models.crops import snap_to_plane
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,8 @@ def nearest_slice(volume: Volume, point_mm: Sequence[float], volume_index: int =
     p = np.asarray(point_mm, dtype=float).reshape(-1)
     if p.shape != (3,) or not np.all(np.isfinite(p)):
         raise ValueError(f"point_mm: expected 3 finite numbers, got {point_mm!r}")
-    col, row, sl = volume.patient_to_voxel(p)[0]
     n_slices, n_rows, n_cols = volume.array.shape
-    k = int(np.clip(np.rint(sl), 0, n_slices - 1))
-    _, _, normal = slice_axes(volume.affine)
-    origin_k = volume.voxel_to_patient([0.0, 0.0, float(k)])[0]
-    dist = float(np.dot(p - origin_k, normal))
-    snapped = p - dist * normal
+    snapped, k, dist = snap_to_plane(volume.affine, n_slices, p)
     # In-plane pixel position of the projected point on image k.
     c2, r2, _ = volume.patient_to_voxel(snapped)[0]
     inside = bool(-0.5 <= r2 <= n_rows - 0.5 and -0.5 <= c2 <= n_cols - 0.5)
