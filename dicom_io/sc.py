@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.errors import EncodingError
-from dicom_io.results import LEVELS, Finding, StatusValues, StudyResult
+from dicom_io.results import LEVELS, ConditionValues, Finding, StatusValues, StudyResult
 from dicom_io.sr import (
     character_set,
     condition_label,
@@ -66,12 +66,19 @@ LEGEND_HEIGHT = 64
 #: Maximum heatmap opacity (at heat 1.0).
 MAX_ALPHA = 0.6
 
-#: Badge colour and letter per severity index (0 none, 1 moderate/bulging, 2 severe/herniation).
-SEVERITY_STYLE: dict[int, tuple[tuple[int, int, int], str, str]] = {
-    0: ((0, 158, 115), "N", "normal / mild"),  # Okabe-Ito bluish green
-    1: ((230, 159, 0), "M", "moderate / bulging"),  # Okabe-Ito orange
-    2: ((213, 94, 0), "S", "severe / herniation"),  # Okabe-Ito vermillion
+#: Badge colour per severity index (0 none, 1 moderate/bulging, 2 severe/herniation).
+SEVERITY_COLOURS: dict[int, tuple[int, int, int]] = {
+    0: (0, 158, 115),  # Okabe-Ito bluish green
+    1: (230, 159, 0),  # Okabe-Ito orange
+    2: (213, 94, 0),  # Okabe-Ito vermillion
 }
+#: Badge letter and legend text per grade, one scale per line of the legend: the
+#: stenosis grades (RSNA) and the disc categories are different things.
+GRADE_KEYS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
+    ("Stenosis", (("normal_mild", "N", "normal/mild"), ("moderate", "M", "moderate"), ("severe", "S", "severe"))),
+    ("Disc", (("normal", "N", "normal"), ("bulging", "B", "bulging"), ("herniation", "H", "herniation"))),
+)
+_BADGE: dict[str, str] = {grade: letter for _, keys in GRADE_KEYS for grade, letter, _ in keys}
 _LEGEND_BG = (24, 24, 24)
 _TEXT = (255, 255, 255)
 
@@ -161,9 +168,9 @@ def _text_box(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fon
     draw.text(xy, text, font=font, fill=fill)
 
 
-def _with_legend(rgb: np.ndarray) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
+def _with_legend(rgb: np.ndarray, legend_height: int = LEGEND_HEIGHT) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
     height, width = rgb.shape[:2]
-    canvas = Image.new("RGB", (width, height + LEGEND_HEIGHT), _LEGEND_BG)
+    canvas = Image.new("RGB", (width, height + legend_height), _LEGEND_BG)
     canvas.paste(Image.fromarray(rgb, "RGB"), (0, 0))
     return canvas, ImageDraw.Draw(canvas), height
 
@@ -358,6 +365,45 @@ def encode_heatmap_sc(
     )
 
 
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines no wider than ``width`` pixels in ``font``."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and measure.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    if current:
+        lines.append(current)
+    return lines
+
+
+def _key_legend_lines(result: StudyResult, font: Any, width: int) -> list[tuple[str, Any]]:
+    """The key image's legend, line by line: title, one line per grade scale, then what to check.
+
+    Nothing is cut: long lines (models, warnings) wrap onto more lines.
+    """
+    lines: list[tuple[str, Any]] = [("title", KEY_IMAGE_LEGEND)]
+    conditions = {f.condition for f in result.findings}
+    for name, keys in GRADE_KEYS:
+        if name == "Disc" and ConditionValues.DISC in conditions or name == "Stenosis" and conditions - {
+                ConditionValues.DISC, ConditionValues.SPINE_XRAY}:
+            lines.append(("keys", (name, keys)))
+    for w in result.warnings:
+        lines += [("warning", t) for t in _wrap(f"CHECK: {w}", font, width)]
+    if result.not_run:
+        withheld = ", ".join(sorted(result.not_run))
+        lines += [("warning", t) for t in _wrap(f"Not reported (reasons in the SR): {withheld}", font, width)]
+    models = ", ".join(f"{m.name} {m.version}" for m in sorted(result.models, key=lambda m: m.name))
+    if models:
+        lines += [("models", t) for t in _wrap(f"Models: {models}", font, width)]
+    return lines
+
+
 def worst_grades(result: StudyResult) -> dict[str, Finding]:
     """Per level, the finding with the highest severity (ties: highest probability)."""
     worst: dict[str, Finding] = {}
@@ -396,9 +442,11 @@ def encode_key_image(
     grey = window_image(mid_sagittal)
     factor = _scale_factor(int(mid_sagittal.Rows), int(mid_sagittal.Columns))
     big = _enlarge(grey, factor)
-    canvas, draw, height = _with_legend(np.repeat(big[..., None], 3, axis=2))
     width = big.shape[1]
     label_font, legend_font = _font(max(13, width // 34)), _font(max(12, width // 42))
+    lines = _key_legend_lines(result, legend_font, width - 16)
+    line_h = legend_font.size + 8
+    canvas, draw, height = _with_legend(np.repeat(big[..., None], 3, axis=2), 8 + line_h * len(lines))
     worst = worst_grades(result)
     for lv in sorted(levels, key=lambda lv: LEVELS.index(lv.level)):
         y, x = (lv.image.row + 0.5) * factor, (lv.image.column + 0.5) * factor
@@ -406,7 +454,7 @@ def encode_key_image(
         finding = worst.get(lv.level)
         text_x = min(x + 14, width - 120)
         if finding is not None:
-            colour, letter, _ = SEVERITY_STYLE[min(finding.severity, 2)]
+            colour, letter = SEVERITY_COLOURS[min(finding.severity, 2)], _BADGE.get(finding.grade, "?")
             radius = label_font.size // 2 + 4
             cx, cy = text_x + radius, y
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour,
@@ -415,20 +463,26 @@ def encode_key_image(
             text_x = cx + radius + 6
         _text_box(draw, (text_x, y - label_font.size / 2 - 1), lv.level, label_font)
 
-    _text_box(draw, (8, height + 6), KEY_IMAGE_LEGEND, legend_font, fill=(255, 220, 0))
-    x = 8
-    y = height + 14 + legend_font.size
-    for severity in sorted(SEVERITY_STYLE):
-        colour, letter, text = SEVERITY_STYLE[severity]
-        rad = legend_font.size // 2 + 2
-        draw.ellipse((x, y, x + 2 * rad, y + 2 * rad), fill=colour)
-        draw.text((x + rad, y + rad), letter, font=legend_font, fill=(0, 0, 0), anchor="mm")
-        draw.text((x + 2 * rad + 4, y), text, font=legend_font, fill=_TEXT)
-        x += 2 * rad + 14 + int(draw.textlength(text, font=legend_font))
-    models = ", ".join(f"{m.name} {m.version}" for m in sorted(result.models, key=lambda m: m.name))
-    if models:
-        draw.text((8, height + LEGEND_HEIGHT - legend_font.size - 4), models[:120],
-                  font=legend_font, fill=(200, 200, 200))
+    y = height + 6
+    for kind, content in lines:
+        if kind == "title":
+            _text_box(draw, (8, y), str(content), legend_font, fill=(255, 220, 0))
+        elif kind == "keys":
+            name, keys = content  # type: ignore[misc]
+            x = 8
+            draw.text((x, y), f"{name}:", font=legend_font, fill=_TEXT)
+            x += int(draw.textlength(f"{name}: ", font=legend_font)) + 4
+            for i, (_, letter, text) in enumerate(keys):
+                rad = legend_font.size // 2 + 2
+                draw.ellipse((x, y, x + 2 * rad, y + 2 * rad), fill=SEVERITY_COLOURS[i])
+                draw.text((x + rad, y + rad), letter, font=legend_font, fill=(0, 0, 0), anchor="mm")
+                draw.text((x + 2 * rad + 4, y), text, font=legend_font, fill=_TEXT)
+                x += 2 * rad + 14 + int(draw.textlength(text, font=legend_font))
+        elif kind == "warning":
+            draw.text((8, y), str(content), font=legend_font, fill=(255, 180, 0))
+        else:
+            draw.text((8, y), str(content), font=legend_font, fill=(200, 200, 200))
+        y += line_h
     graded = ", ".join(f"{lv}: {grade_label(f.grade)}" for lv, f in worst.items())
     comment = f"{KEY_IMAGE_LEGEND}. Levels with worst AI grade: {graded or 'none graded'}."
     return _sc_dataset(

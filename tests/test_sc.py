@@ -9,7 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from dicom_io.errors import EncodingError
 from dicom_io.results import StudyResult
@@ -63,8 +63,8 @@ def test_sc_headers(outputs, sources):
         assert "not for diagnosis" in sc.SeriesDescription
         (src_ref,) = sc.SourceImageSequence
         src = by_uid[src_ref.ReferencedSOPInstanceUID]
-        factor = (sc.Rows - LEGEND_HEIGHT) / src.Rows
-        assert factor == int(factor) and sc.Columns == src.Columns * factor
+        factor = sc.Columns / src.Columns
+        assert factor == int(factor) and sc.Rows >= src.Rows * factor + LEGEND_HEIGHT
         assert [float(v) for v in sc.PixelSpacing] == pytest.approx(
             [float(v) / factor for v in src.PixelSpacing])
         assert sc.PatientOrientation == ["P", "F"]  # sagittal source: rows -> P, columns -> F
@@ -109,6 +109,30 @@ def test_png_shows_overlay_and_legend(outputs, tmp_path):
     body = img[:-LEGEND_HEIGHT]
     colour = np.abs(body[..., 0] - body[..., 2])  # grey anatomy has R == B; heat does not
     assert (colour > 40).mean() > 0.002
+
+
+def test_key_image_legend_separates_scales_and_shows_warnings(result, sources, tmp_path):
+    from dicom_io.sc import GRADE_KEYS, _font, _key_legend_lines, encode_key_image
+
+    r = copy.copy(result)
+    r.warnings = ["possible transitional vertebra: levels counted from the sacrum only; check the count"]
+    r.not_run = {"mr_foramen": "trained on synthetic data only; not validated on patient images"}
+    mid = next(s for s in sources if s.SOPInstanceUID == r.levels[0].image.sop_instance_uid)
+    plain = encode_key_image(result, mid)
+    warned = encode_key_image(r, mid)
+    assert warned.Rows > plain.Rows and warned.Columns == plain.Columns  # the band grows, nothing is cut
+    font = _font(max(12, plain.Columns // 42))
+    lines = _key_legend_lines(r, font, plain.Columns - 16)
+    kinds = [k for k, _ in lines]
+    assert kinds.count("keys") == 2  # stenosis grades and disc categories on their own lines
+    assert {name for k, c in lines if k == "keys" for name in [c[0]]} == {n for n, _ in GRADE_KEYS}
+    text = " ".join(str(c) for k, c in lines if k in ("warning", "models"))
+    assert "transitional vertebra" in text and "mr_foramen" in text
+    for m in r.models:
+        assert f"{m.name} {m.version}" in text  # the model list is wrapped, never cut
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert all(measure.textlength(str(c), font=font) <= plain.Columns - 16
+               for k, c in lines if k in ("warning", "models"))
 
 
 def test_heat_is_where_the_heatmap_is(result, sources):
