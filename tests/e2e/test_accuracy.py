@@ -24,6 +24,7 @@ import pytest
 from dicom_io.results import GRADES, ConditionValues
 from tests.conftest import SHARED_DATA, storescu, wait_for
 from tests.integration.studies import dicom_files, discus_objects, is_sr, result_of
+from tests.phantom_settings import PHANTOMS
 from worker.model_packages import ModelPackages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -214,8 +215,7 @@ def test_synthetic_accuracy_with_true_levels(tmp_path: Path, packages) -> None:
     from types import SimpleNamespace
 
     from dicom_io.phantom import write_demo_study
-    from tests.phantom_settings import PHANTOMS
-from worker.pipeline import analyze_study
+    from worker.pipeline import analyze_study
 
     _need(packages, "mr_disc", "mr_canal", "mr_foramen", "mr_subarticular", "ct_disc")
     pairs: dict[tuple[str, ConditionValues], list[tuple[str, str]]] = defaultdict(list)
