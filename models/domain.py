@@ -1,8 +1,8 @@
 """Input-domain check: is a crop like the inputs a package was validated on?
 
-The reference is the distribution of the network's penultimate-layer features
-(the input of its last linear layer) over its training crops: their mean and a
-shrunk covariance. A new crop's Mahalanobis distance to that distribution is
+The reference is the distribution of the network's features over its training
+crops (the input of its last linear layer, plus pooled statistics of the layers
+Grad-CAM looks at): their mean and a shrunk covariance. A new crop's Mahalanobis distance to that distribution is
 compared with a threshold set at a high percentile of the distances of the
 package's own held-out crops. A crop beyond the threshold is out of domain: the
 pipeline reports no finding for it, only a warning with the distance.
@@ -41,14 +41,36 @@ def last_linear(model: nn.Module) -> nn.Linear:
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features, logits)``: the input of the last linear layer and the network's output."""
+    """``(features, logits)``: the reference features of a batch and the network's output.
+
+    The features are the input of the last linear layer, followed, for a
+    registered classifier, by the mean and standard deviation over space (or
+    tokens) of each layer Grad-CAM looks at (``cam_target_layers(multilayer=True)``):
+    the deep features say what the network sees, the pooled earlier ones how the
+    image looks (texture, contrast), which is where images of another kind differ.
+    """
     captured: list[torch.Tensor] = []
-    handle = last_linear(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    pooled: list[torch.Tensor] = []
+    handles = [last_linear(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))]
+    layers = model.cam_target_layers(multilayer=True) if hasattr(model, "cam_target_layers") else []
+
+    def pool(_m: nn.Module, _i: object, out: object) -> None:
+        t = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(t, torch.Tensor) and t.ndim == 4:
+            pooled.extend([t.detach().float().mean((2, 3)), t.detach().float().std((2, 3), correction=0)])
+        elif isinstance(t, torch.Tensor) and t.ndim == 3:
+            pooled.extend([t.detach().float().mean(1), t.detach().float().std(1, correction=0)])
+
+    try:
+        handles += [layer.register_forward_hook(pool) for layer in layers]
+    except (NotImplementedError, AttributeError):
+        pass
     try:
         logits = model(x)
     finally:
-        handle.remove()
-    feats = captured[-1].float().flatten(1)
+        for h in handles:
+            h.remove()
+    feats = torch.cat([captured[-1].float().flatten(1), *pooled], dim=1)
     return feats, logits
 
 

@@ -135,6 +135,21 @@ class Predictor:
         probs = np.concatenate(out).astype(np.float32)
         return probs, (np.concatenate(dist) if dist else None)
 
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Penultimate-layer features ``[N, D]`` of raw crops (the input of the last linear layer).
+
+        Raises
+        ------
+        PreprocessError
+            If the batch is malformed.
+        """
+        out = []
+        with torch.inference_mode():
+            for chunk in self._chunks(batch):
+                feats, _ = penultimate_features(self.model, self.preprocess(chunk).to(self.device))
+                out.append(feats.float().cpu().numpy())
+        return np.concatenate(out)
+
     def explain(self, batch: np.ndarray, target: Sequence[int] | None = None) -> np.ndarray:
         """Grad-CAM heatmaps ``[N, H, W]`` in [0, 1], in the pixels of the crops given.
 
