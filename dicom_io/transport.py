@@ -22,6 +22,8 @@ P-DATA in the established state, and the service classes are pynetdicom's.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import queue
 import select
 import socket
@@ -32,6 +34,7 @@ from copy import deepcopy
 from datetime import datetime
 from typing import Any
 
+import pynetdicom
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
@@ -51,6 +54,60 @@ from pynetdicom.transport import (
 WAIT = 0.005
 #: Largest piece of a PDU a lean association's socket allocates before it has arrived.
 RECV_STEP = 4 * 1024 * 1024
+
+
+#: The pynetdicom release whose private members the lean transport was written against.
+SUPPORTED_PYNETDICOM = "3.0.4"
+
+#: Private members of pynetdicom the lean transport overrides or reads, with the
+#: parameters of the methods; checked at start (:func:`lean_transport_problems`)
+#: and by a contract test, so an upgrade that changes one falls back to the stock
+#: server instead of misbehaving.
+PRIVATE_METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("pynetdicom.ae.ApplicationEntity", "_create_socket", ("self", "assoc", "address", "tls_args")),
+    ("pynetdicom.dul.DULServiceProvider", "_read_pdu_data", ("self",)),
+    ("pynetdicom.transport.RequestHandler", "_create_association", ("self",)),
+    ("pynetdicom.association.Association", "_bind_defaults", ("self",)),
+    ("pynetdicom.transport.AssociationServer", "_bind_defaults", ("self",)),
+)
+#: Private attributes set on instances (checked on live objects by the contract test).
+PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("AssociationSocket", "_is_connected"),
+    ("DULServiceProvider", "_run_loop_delay"),
+    ("Association", "_server"),
+    ("AssociationServer", "_handlers"),
+    ("ApplicationEntity", "_servers"),
+    ("pynetdicom.events", "_INTERVENTION_EVENTS"),
+    ("pynetdicom._globals", "MODE_ACCEPTOR"),
+)
+
+
+def _resolve(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def lean_transport_problems() -> list[str]:
+    """Why the lean transport cannot be trusted with the installed pynetdicom ([] when it can).
+
+    The version must be :data:`SUPPORTED_PYNETDICOM` and every method of
+    :data:`PRIVATE_METHODS` must exist with the expected parameters.
+    """
+    problems = []
+    version = getattr(pynetdicom, "__version__", "unknown")
+    if version != SUPPORTED_PYNETDICOM:
+        problems.append(f"pynetdicom {version} is installed; the lean transport was written for "
+                        f"{SUPPORTED_PYNETDICOM}")
+    for owner, name, params in PRIVATE_METHODS:
+        try:
+            method = getattr(_resolve(owner), name)
+            found = tuple(inspect.signature(method).parameters)
+        except (AttributeError, ImportError, TypeError, ValueError):
+            problems.append(f"{owner}.{name} is missing")
+            continue
+        if found != params:
+            problems.append(f"{owner}.{name} takes {found}, expected {params}")
+    return problems
 
 
 def set_nodelay(sock: socket.socket) -> None:

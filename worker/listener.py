@@ -19,7 +19,7 @@ from typing import Any
 
 from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, start_listener
 from dicom_io.spool import Spool
-from dicom_io.transport import LeanAssociationServer
+from dicom_io.transport import LeanAssociationServer, NoDelayThreadedAssociationServer, lean_transport_problems
 from worker.index import StudyIndex, dataset_digest
 from worker.settings import Settings
 
@@ -136,7 +136,7 @@ def listener_config(settings: Settings) -> ListenerConfig:
     )
 
 
-class ReusePortAssociationServer(LeanAssociationServer):
+class _ReusePortMixin:
     """Binds with ``SO_REUSEPORT``, so several listener processes share one port.
 
     The kernel spreads incoming associations over the processes, which lifts the
@@ -145,14 +145,46 @@ class ReusePortAssociationServer(LeanAssociationServer):
 
     def server_bind(self) -> None:
         # pynetdicom's server_bind sets only SO_REUSEADDR; add SO_REUSEPORT before it binds.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[attr-defined]
+        super().server_bind()  # type: ignore[misc]
+
+
+class ReusePortAssociationServer(_ReusePortMixin, LeanAssociationServer):
+    """The lean server sharing its port with other listener processes."""
+
+
+class ReusePortStockServer(_ReusePortMixin, NoDelayThreadedAssociationServer):
+    """pynetdicom's own server (``TCP_NODELAY`` set) sharing its port with other listener processes."""
+
+
+def server_class(settings: Settings, reuse_port: bool) -> type:
+    """The server the listener runs: the lean one, or pynetdicom's own where that is safer.
+
+    ``listener_server = "auto"`` takes the lean server when the installed pynetdicom
+    is the release it was written for (and every private member it uses is there),
+    else pynetdicom's own server with a warning; ``"lean"`` insists (and refuses to
+    start otherwise); ``"stock"`` always takes pynetdicom's.
+
+    Raises
+    ------
+    RuntimeError
+        If ``"lean"`` is asked for and the installed pynetdicom does not fit it.
+    """
+    mode = settings.listener_server
+    problems = lean_transport_problems() if mode != "stock" else []
+    if mode == "lean" and problems:
+        raise RuntimeError("listener_server = 'lean', but: " + "; ".join(problems))
+    if mode == "stock" or problems:
+        if problems:
+            log.warning("lean transport disabled (%s); using pynetdicom's own server", "; ".join(problems))
+        return ReusePortStockServer if reuse_port else NoDelayThreadedAssociationServer
+    return ReusePortAssociationServer if reuse_port else LeanAssociationServer
 
 
 def start_server(settings: Settings, on_stored: Any, stats: ListenerStats, reuse_port: bool) -> Any:
     """Start the SCP in a background thread; return the server (``shutdown()`` stops it)."""
     return start_listener(Spool(settings.spool), listener_config(settings), on_stored, stats,
-                          server_class=ReusePortAssociationServer if reuse_port else LeanAssociationServer)
+                          server_class=server_class(settings, reuse_port))
 
 
 def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: bool = True) -> ListenerStats:

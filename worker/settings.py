@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     allowed_calling_aets: list[str] = Field(default_factory=list)  # empty: accept any
     max_associations: int = Field(default=10, ge=1)  # per listener process
     listener_processes: int = Field(default=1, ge=1)  # processes sharing the port (SO_REUSEPORT)
+    # "auto": the lean transport on the pynetdicom release it was written for, else pynetdicom's server
+    listener_server: Literal["auto", "lean", "stock"] = "auto"
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
