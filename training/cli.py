@@ -156,7 +156,15 @@ def _evaluate_command(task: str) -> Callable[..., None]:
 
 for _task in TASKS:
     train_app.command(_task)(_train_command(_task))
-    evaluate_app.command(_task)(_evaluate_command(_task))
+    if _task != "xray":  # the X-ray package is scored on real radiographs (training.xray_cli)
+        evaluate_app.command(_task)(_evaluate_command(_task))
+
+from training import xray_cli as _xray_cli  # noqa: E402
+
+train_app.command("xray-real", help="Train the X-ray package on real AP radiographs (see training.xray_cli).")(
+    _xray_cli.train)
+evaluate_app.command("xray", help="Evaluate the X-ray package on a folder of labelled radiographs.")(
+    _xray_cli.evaluate)
 
 try:  # the level localizer's commands, when that part of training is installed
     from training import levels_cli as _levels_cli
