@@ -132,13 +132,26 @@ _TABLE: dict[str, CodeEntry] = {
                     "SNOMED CT 298382003 |Scoliosis deformity of spine (disorder)|"),
     "spondylolisthesis": _e("274152003", "SCT", "Spondylolisthesis",
                             "SNOMED CT 274152003 |Spondylolisthesis (disorder)|"),
+    # --- Disc grading on the sagittal image -------------------------------------------
+    # Spondylolisthesis is the SNOMED concept above (the same code names the condition).
+    # No verified SNOMED or RadLex concepts were found for these: local codes, declared.
+    "pfirrmann": _e("PFIRRMANN-GRADE", LOCAL_SCHEME, "Pfirrmann grade of disc degeneration", "local"),
+    "disc_narrowing": _e("DISC-SPACE-NARROWING", LOCAL_SCHEME, "Intervertebral disc space narrowing", "local"),
+    "modic_change": _e("MODIC-CHANGE", LOCAL_SCHEME, "Modic vertebral endplate marrow change", "local"),
+    "upper_endplate_defect": _e("UPPER-ENDPLATE-DEFECT", LOCAL_SCHEME,
+                                "Upper endplate change or Schmorl node", "local"),
+    "lower_endplate_defect": _e("LOWER-ENDPLATE-DEFECT", LOCAL_SCHEME,
+                                "Lower endplate change or Schmorl node", "local"),
+    **{f"pfirrmann_{g}": _e(f"PFIRRMANN-{g}", LOCAL_SCHEME, f"Pfirrmann grade {g}", "local") for g in range(1, 6)},
+    "present": _e("52101004", "SCT", "Present", "SNOMED CT 52101004 |Present (qualifier value)|"),
+    "absent": _e("2667000", "SCT", "Absent", "SNOMED CT 2667000 |Absent (qualifier value)|"),
     # --- Measurement -------------------------------------------------------------
     # A bare "Probability" reads as "chance of disease"; these name what the number is.
     "probability": _e("CALIBRATED-PROBABILITY", LOCAL_SCHEME, "Calibrated probability of the reported grade",
-                      "local; temperature-scaled on the model's out-of-fold predictions"),
+                      "local"),
     "probability_uncalibrated": _e("UNCALIBRATED-PROBABILITY", LOCAL_SCHEME,
                                    "Uncalibrated model score for the reported grade",
-                                   "local; the softmax of a model that was not calibrated"),
+                                   "local"),
     "unit_ratio": _e("{ratio}", "UCUM", "ratio", "PS3.16 CID 7181 (UCUM)"),
     # --- Procedure reported (TID 1500), per source modality ----------------------
     "procedure_MR": _e("24968-0", "LN", "MR Lumbar spine", "LOINC/RSNA Playbook 24968-0"),

@@ -31,6 +31,13 @@ class ConditionValues(str, enum.Enum):
     NEURAL_FORAMINAL_NARROWING = "neural_foraminal_narrowing"  # with laterality
     SUBARTICULAR_STENOSIS = "subarticular_stenosis"  # with laterality
     SPINE_XRAY = "spine_xray"  # normal / scoliosis / spondylolisthesis (whole image)
+    # Disc grading on the sagittal image (per disc level):
+    PFIRRMANN = "pfirrmann"  # Pfirrmann grade 1-5 of disc degeneration
+    DISC_NARROWING = "disc_narrowing"  # absent / present
+    SPONDYLOLISTHESIS = "spondylolisthesis"  # absent / present (slip at the disc level)
+    MODIC = "modic_change"  # absent / present (any Modic type)
+    UPPER_ENDPLATE = "upper_endplate_defect"  # absent / present (endplate change or Schmorl node)
+    LOWER_ENDPLATE = "lower_endplate_defect"  # absent / present
 
 
 class LateralityValues(str, enum.Enum):
@@ -45,6 +52,12 @@ GRADES: dict[ConditionValues, tuple[str, ...]] = {
     ConditionValues.NEURAL_FORAMINAL_NARROWING: ("normal_mild", "moderate", "severe"),
     ConditionValues.SUBARTICULAR_STENOSIS: ("normal_mild", "moderate", "severe"),
     ConditionValues.SPINE_XRAY: ("normal", "scoliosis", "spondylolisthesis"),
+    ConditionValues.PFIRRMANN: ("pfirrmann_1", "pfirrmann_2", "pfirrmann_3", "pfirrmann_4", "pfirrmann_5"),
+    ConditionValues.DISC_NARROWING: ("absent", "present"),
+    ConditionValues.SPONDYLOLISTHESIS: ("absent", "present"),
+    ConditionValues.MODIC: ("absent", "present"),
+    ConditionValues.UPPER_ENDPLATE: ("absent", "present"),
+    ConditionValues.LOWER_ENDPLATE: ("absent", "present"),
 }
 
 #: Conditions that are reported per side.

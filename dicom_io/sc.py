@@ -78,6 +78,11 @@ GRADE_KEYS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
     ("Stenosis", (("normal_mild", "N", "normal/mild"), ("moderate", "M", "moderate"), ("severe", "S", "severe"))),
     ("Disc", (("normal", "N", "normal"), ("bulging", "B", "bulging"), ("herniation", "H", "herniation"))),
 )
+#: Conditions whose grades the key image's badges show.
+KEY_IMAGE_CONDITIONS = frozenset({
+    ConditionValues.DISC, ConditionValues.SPINAL_CANAL_STENOSIS, ConditionValues.NEURAL_FORAMINAL_NARROWING,
+    ConditionValues.SUBARTICULAR_STENOSIS,
+})
 _BADGE: dict[str, str] = {grade: letter for _, keys in GRADE_KEYS for grade, letter, _ in keys}
 _LEGEND_BG = (24, 24, 24)
 _TEXT = (255, 255, 255)
@@ -408,6 +413,8 @@ def worst_grades(result: StudyResult) -> dict[str, Finding]:
     """Per level, the finding with the highest severity (ties: highest probability)."""
     worst: dict[str, Finding] = {}
     for f in sorted(result.findings, key=finding_sort_key):
+        if f.condition not in KEY_IMAGE_CONDITIONS:  # the badges show the stenosis and disc scales only
+            continue
         best = worst.get(f.level)
         if best is None or (f.severity, f.probability) > (best.severity, best.probability):
             worst[f.level] = f

@@ -76,6 +76,12 @@ _CONDITION_LABELS = {
     ConditionValues.NEURAL_FORAMINAL_NARROWING: "foraminal stenosis",
     ConditionValues.SUBARTICULAR_STENOSIS: "subarticular stenosis",
     ConditionValues.SPINE_XRAY: "radiograph",
+    ConditionValues.PFIRRMANN: "disc degeneration",
+    ConditionValues.DISC_NARROWING: "disc space narrowing",
+    ConditionValues.SPONDYLOLISTHESIS: "spondylolisthesis",
+    ConditionValues.MODIC: "Modic change",
+    ConditionValues.UPPER_ENDPLATE: "upper endplate defect",
+    ConditionValues.LOWER_ENDPLATE: "lower endplate defect",
 }
 
 
@@ -88,7 +94,9 @@ def condition_label(finding: Finding) -> str:
 
 
 def grade_label(grade: str) -> str:
-    """Human text of a grade (``normal_mild`` -> ``normal/mild``)."""
+    """Human text of a grade (``normal_mild`` -> ``normal/mild``, ``pfirrmann_3`` -> ``Pfirrmann 3``)."""
+    if grade.startswith("pfirrmann_"):
+        return "Pfirrmann " + grade.rsplit("_", 1)[1]
     return grade.replace("_", "/")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from models.config import ModelConfig
-from models.crops import CROP_SPECS, CropGeometry, crop_for_level
+from models.crops import CROP_SPECS, CropGeometry, crop_at_disc
 from models.errors import PackageError, PreprocessError
 from models.package import load_package
 from models.preprocess import Preprocessor
@@ -129,16 +129,12 @@ def image_volume(
 def disc_crop(array: np.ndarray, affine: np.ndarray, disc_mm: Sequence[float], out_px: int) -> tuple[np.ndarray, CropGeometry, int]:
     """The grading crop at a disc point, on the image of ``array`` nearest the point.
 
-    The point is moved onto that image's plane first, so the crop holds that
-    image's own pixels (resampled), as at training. Returns the crop, its
-    geometry and the slice index.
+    The one crop path of training and inference (:func:`models.crops.crop_at_disc`):
+    the point is moved onto that image's plane first, so the crop holds that
+    image's own pixels (resampled). Returns the crop, its geometry and the slice index.
     """
-    a = np.asarray(affine, dtype=float)
-    inv = np.linalg.inv(a)
-    vox = inv[:3, :3] @ np.asarray(disc_mm, float) + inv[:3, 3]
-    k = int(np.clip(round(float(vox[2])), 0, array.shape[0] - 1))
-    snapped = a[:3, :3] @ np.array([vox[0], vox[1], k]) + a[:3, 3]
-    crop, geom = crop_for_level(array, a, snapped, CROP_SPECS[TASK], out_px)
+    crop, geom, k, _ = crop_at_disc(np.asarray(array), np.asarray(affine, float), np.asarray(disc_mm, float),
+                                    CROP_SPECS[TASK], out_px)
     return crop, geom, k
 
 
@@ -228,7 +224,8 @@ class DiscGrader:
         if a.ndim != 3 or len(a) == 0:
             raise PreprocessError(f"crops: expected [N, H, W] with N >= 1, got shape {a.shape}")
         with torch.inference_mode():
-            feats, logits = penultimate_features(self.model, self.preprocess(a))
+            feats, logits = penultimate_features(
+                self.model, self.preprocess(a), self.domain.pooled if self.domain is not None else True)
         return logits.float().numpy(), feats.numpy()
 
     def grade(self, array: np.ndarray, affine: np.ndarray, disc_points: Mapping[str, Sequence[float]]) -> list[DiscGrade]:

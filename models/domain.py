@@ -22,6 +22,9 @@ from models.errors import PackageError
 
 #: File of a package holding the reference statistics.
 DOMAIN_FILE = "domain.safetensors"
+#: Feature kinds a reference may be fitted on (stored in its file).
+FEATURES_PENULTIMATE = "penultimate"
+FEATURES_POOLED = "penultimate+pooled"
 #: Percentile of the held-out distances at which the threshold is set.
 DEFAULT_PERCENTILE = 99.0
 
@@ -40,7 +43,7 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def penultimate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def penultimate_features(model: nn.Module, x: torch.Tensor, pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, logits)``: the reference features of a batch and the network's output.
 
     The features are the input of the last linear layer, followed, for a
@@ -48,11 +51,13 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     tokens) of each layer Grad-CAM looks at (``cam_target_layers(multilayer=True)``):
     the deep features say what the network sees, the pooled earlier ones how the
     image looks (texture, contrast), which is where images of another kind differ.
+    With ``pooled=False`` only the first part (references of the first kind,
+    :data:`FEATURES_PENULTIMATE`).
     """
     captured: list[torch.Tensor] = []
     pooled: list[torch.Tensor] = []
     handles = [last_linear(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))]
-    layers = model.cam_target_layers(multilayer=True) if hasattr(model, "cam_target_layers") else []
+    layers = model.cam_target_layers(multilayer=True) if pooled and hasattr(model, "cam_target_layers") else []
 
     def pool(_m: nn.Module, _i: object, out: object) -> None:
         t = out[0] if isinstance(out, (tuple, list)) else out
@@ -88,6 +93,9 @@ class FeatureDomain:
         Mahalanobis distance above which an input is out of domain.
     percentile : float
         Percentile of the held-out distances the threshold was set at.
+    features : str
+        Which features (:data:`FEATURES_POOLED`, or :data:`FEATURES_PENULTIMATE` for
+        references of the first kind).
 
     Raises
     ------
@@ -99,6 +107,12 @@ class FeatureDomain:
     precision: np.ndarray
     threshold: float
     percentile: float = DEFAULT_PERCENTILE
+    features: str = FEATURES_POOLED
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the reference's features include the pooled Grad-CAM layers."""
+        return self.features == FEATURES_POOLED
 
     def __post_init__(self) -> None:
         self.mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
@@ -155,7 +169,8 @@ class FeatureDomain:
         save_file(
             {"mean": self.mean.astype(np.float32), "precision": self.precision.astype(np.float32)},
             str(path),
-            metadata={"threshold": repr(float(self.threshold)), "percentile": repr(float(self.percentile))},
+            metadata={"threshold": repr(float(self.threshold)), "percentile": repr(float(self.percentile)),
+                      "features": self.features},
         )
         return path
 
@@ -175,9 +190,10 @@ class FeatureDomain:
             arrays = load_file(str(p))
             with safe_open(str(p), framework="np") as f:
                 meta = f.metadata() or {}
-            return cls(arrays["mean"], arrays["precision"], float(meta["threshold"]), float(meta.get("percentile", 99)))
+            return cls(arrays["mean"], arrays["precision"], float(meta["threshold"]), float(meta.get("percentile", 99)),
+                       meta.get("features", FEATURES_PENULTIMATE))
         except (OSError, KeyError, ValueError) as exc:
             raise PackageError(f"domain reference {p}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["DEFAULT_PERCENTILE", "DOMAIN_FILE", "FeatureDomain", "last_linear", "penultimate_features"]
+__all__ = ["DEFAULT_PERCENTILE", "DOMAIN_FILE", "FEATURES_PENULTIMATE", "FEATURES_POOLED", "FeatureDomain", "last_linear", "penultimate_features"]

@@ -127,7 +127,7 @@ class Predictor:
                 x = self.preprocess(chunk).to(self.device)
                 with torch.autocast("cuda", enabled=self.device.type == "cuda"):
                     if self.domain is not None:
-                        feats, logits = penultimate_features(self.model, x)
+                        feats, logits = penultimate_features(self.model, x, self.domain.pooled)
                         dist.append(self.domain.distance(feats.float().cpu().numpy()))
                     else:
                         logits = self.model(x)
@@ -146,7 +146,8 @@ class Predictor:
         out = []
         with torch.inference_mode():
             for chunk in self._chunks(batch):
-                feats, _ = penultimate_features(self.model, self.preprocess(chunk).to(self.device))
+                pooled = self.domain.pooled if self.domain is not None else True
+                feats, _ = penultimate_features(self.model, self.preprocess(chunk).to(self.device), pooled)
                 out.append(feats.float().cpu().numpy())
         return np.concatenate(out)
 

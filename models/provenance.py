@@ -4,11 +4,13 @@ Every package's ``config.json`` carries this under one key, ``provenance``::
 
     {"training_data": [{"name": "...", "kind": "real" | "synthetic", "cases": 179}],
      "validation": {"method": "internal cross-validation" | "held-out" | "external",
-                    "description": "...", "figures": {"accuracy": 0.93, ...}},
+                    "description": "...", "figures": {"accuracy": 0.93, ...},
+                    "targets": {"accuracy": 0.95}, "meets_target": false},
      "domain": {"modality": "MR", "series_roles": ["SAG_T2"], "body_part": "lumbar spine"}}
 
 A package is *synthetic-only* when every source of its training data is
-synthetic; by default such a package does not report on a patient's study.
+synthetic; by default such a package does not report on a patient's study, and
+neither does one whose validation declares that it misses its targets.
 """
 
 from __future__ import annotations
@@ -97,6 +99,22 @@ class Provenance:
         }
 
     @property
+    def below_target(self) -> bool:
+        """True when the validation declares that its figures miss the targets set for the package.
+
+        ``validation.meets_target`` (with ``validation.targets``) is written by the
+        training that measured the figures; a package that does not declare it is
+        judged by its training data alone.
+        """
+        return self.validation.get("meets_target") is False
+
+    def missed_targets(self) -> list[str]:
+        """``"name figure < target"`` for each declared target the figures miss."""
+        figs, targets = self.validation.get("figures", {}), self.validation.get("targets", {})
+        return [f"{k} {figs[k]:.2f} < {t:.2f}" for k, t in targets.items()
+                if isinstance(figs.get(k), (int, float)) and figs[k] < t]
+
+    @property
     def synthetic_only(self) -> bool:
         """True when every training source is synthetic."""
         return all(s.kind == "synthetic" for s in self.training_data)
@@ -114,7 +132,8 @@ class Provenance:
             for v in (dom.get("modality"), dom.get("series_roles") or dom.get("views"), dom.get("body_part"))
             if v
         )
-        tag = "SYNTHETIC ONLY" if self.synthetic_only else "real data"
+        tag = "SYNTHETIC ONLY" if self.synthetic_only else (
+            "real data, BELOW TARGET" if self.below_target else "real data")
         return f"[{tag}] trained on {data}; validated by {self.validation['method']}" + (
             f" ({shown})" if shown else ""
         ) + f"; domain: {where}"

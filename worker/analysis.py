@@ -41,6 +41,8 @@ DEFAULT_GRADED_LEVELS: tuple[str, ...] = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L
 
 #: Why an analysis whose package never saw a patient is withheld.
 SYNTHETIC_ONLY_REASON = "trained on synthetic data only; not validated on patient images"
+#: Why an analysis whose validation on patients missed its targets is withheld.
+BELOW_TARGET_REASON = "validated on patient images below its accuracy targets"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class AnalysisOptions:
     max_batch: int = 32
     graded_levels: tuple[str, ...] = DEFAULT_GRADED_LEVELS
     report_synthetic_models: bool = False
+    report_below_target_models: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.heatmap_min_severity <= 3:
@@ -133,6 +136,10 @@ class Run:
             return None
         if self.packages.synthetic_only(task) and not self.options.report_synthetic_models:
             self.result.not_run.setdefault(task, SYNTHETIC_ONLY_REASON)
+            return None
+        missed = self.packages.below_target(task)
+        if missed and not self.options.report_below_target_models:
+            self.result.not_run.setdefault(task, f"{BELOW_TARGET_REASON} ({missed})")
             return None
         if task not in self.used:
             info = self.packages.info(task)

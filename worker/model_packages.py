@@ -27,6 +27,8 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "packages"
 
 #: Task of the level localizer package.
 LOCALIZER_TASK = "levels"
+#: Task of the multi-head disc grader (sagittal MR; not a plain classifier).
+DISC_GRADING_TASK = "mr_disc_grading"
 #: Tasks of the classifier packages the pipeline uses.
 CLASSIFIER_TASKS: tuple[str, ...] = (
     "mr_disc",
@@ -124,6 +126,10 @@ class ModelPackages:
                 from models.localizer import LevelLocalizer
 
                 obj = LevelLocalizer.from_package(folder)
+            elif task == DISC_GRADING_TASK:
+                from models.disc_grading import DiscGrader
+
+                obj = DiscGrader.from_package(folder)
             else:
                 from models.predictor import Predictor
 
@@ -162,6 +168,14 @@ class ModelPackages:
                 except ValueError:
                     pass
         return self
+
+    def below_target(self, task: str) -> str:
+        """The targets the package for ``task`` declares it misses ("" when none, or no declaration)."""
+        cfg = self.configs.get(task)
+        rec = cfg.provenance_record if cfg is not None else None
+        if rec is None or not rec.below_target:
+            return ""
+        return ", ".join(rec.missed_targets()) or "its declared targets"
 
     def synthetic_only(self, task: str) -> bool:
         """Whether the package for ``task`` was trained on synthetic data only.

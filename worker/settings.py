@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     write_not_performed_sr: bool = True
     # Packages trained on synthetic data only report on studies only where the site allows it
     report_synthetic_models: bool = False
+    # Packages validated on patients whose figures miss their declared targets: withheld unless allowed
+    report_below_target_models: bool = False
     # Analysis options (worker.analysis.AnalysisOptions); None keeps that class's default
     heatmap_min_severity: int | None = Field(default=None, ge=0, le=3)  # Grad-CAM from this grade index
     slice_tolerance_mm: float | None = Field(default=None, gt=0)  # crop centre to source image, at most
