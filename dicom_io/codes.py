@@ -174,6 +174,10 @@ _TABLE: dict[str, CodeEntry] = {
                                      "PS3.16 CID 6047"),
     "not_performed": _e("111245", "DCM", "No algorithms succeeded; without findings",
                         "PS3.16 CID 6047"),
+    "imaging_measurements": _e("126010", "DCM", "Imaging Measurements", "PS3.16 Annex D (DCM 126010)"),
+    "reason": _e("NOT-PERFORMED-REASON", LOCAL_SCHEME, "Reason the analysis was not performed", "local"),
+    "qualitative_evaluations": _e("C0034375", "UMLS", "Qualitative Evaluations",
+                                  "UMLS C0034375, the concept PS3.16 TID 1500 row 12 uses"),
     "comment": _e("121106", "DCM", "Comment", "PS3.16 Annex D (DCM 121106)"),
 }
 # fmt: on

@@ -332,32 +332,53 @@ def summary_notes(result: StudyResult) -> list[str]:
     return notes
 
 
-def _summary_group(
-    sop_uid: str, status_key: str, reason: str | None = None, notes: Sequence[str] = ()
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group with the analysis outcome (CID 6047) and, if given, why, and notes."""
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=deterministic_uid("discus-tracking", sop_uid, "summary"),
-            identifier="AI analysis summary",
-        ),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.level_code(LUMBAR_SPINE))],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=codes.code("analysis_summary"), value=codes.code(status_key)
-            )
-        ],
-    )
-    # TID 1501 has no slot for free text; the reason and notes go in as TEXT comment items.
-    for text in ([reason] if reason else []) + list(notes):
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.code("comment"),
-                value=text[:1024],
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
+def _summary(status_key: str, reason: str | None = None, notes: Sequence[str] = ()) -> hd.sr.ContainerContentItem:
+    """The report's "Qualitative Evaluations" (TID 1500 row 12): the analysis outcome (CID 6047),
+    why it was not performed, and what was withheld or must be checked.
+
+    It sits beside the measurement groups, not in one: a viewer that reads TID 1500
+    groups expects an image region in each, and an analysis summary has none.
+    """
+    items: list[Any] = [
+        hd.sr.CodeContentItem(
+            name=codes.code("analysis_summary"), value=codes.code(status_key),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-    return group
+    ]
+    if reason:
+        items.append(hd.sr.TextContentItem(
+            name=codes.code("reason"), value=reason[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ))
+    items += [
+        hd.sr.TextContentItem(
+            name=codes.code("comment"), value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for text in notes
+    ]
+    container = hd.sr.ContainerContentItem(
+        name=codes.code("qualitative_evaluations"), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = items
+    return container
+
+
+def _report(
+    result: StudyResult, manufacturer: str, modality: str, groups: list[Any], summary: hd.sr.ContainerContentItem
+) -> hd.sr.MeasurementReport:
+    placeholder = [] if groups else [hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=deterministic_uid("discus-tracking", "none"),
+                                                     identifier="none"))]
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer_context(result, manufacturer),
+        procedure_reported=codes.procedure_code(modality),
+        imaging_measurements=groups or placeholder,
+        title=codes.code("report_title"),
+    )
+    if not groups:  # highdicom needs a group; a report without findings has no Imaging Measurements
+        measurements = _code_key(codes.code("imaging_measurements"))
+        report[0].ContentSequence = [i for i in report[0].ContentSequence if _key_of(i) != measurements]
+    report[0].ContentSequence.append(summary)
+    return report
 
 
 def _coding_schemes() -> list[CodingSchemeIdentificationItem]:
@@ -470,16 +491,9 @@ def encode_sr(
         _group(result, f, by_uid[f.image.sop_instance_uid], sop_uid)
         for f in sorted(result.findings, key=finding_sort_key)
     ]
-    summary = _summary_group(
-        sop_uid, "succeeded_with_findings" if groups else "succeeded_without_findings",
-        notes=summary_notes(result),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer_context(result, manufacturer),
-        procedure_reported=codes.procedure_code(result.modality),
-        imaging_measurements=[summary, *groups],
-        title=codes.code("report_title"),
-    )
+    summary = _summary("succeeded_with_findings" if groups else "succeeded_without_findings",
+                       notes=summary_notes(result))
+    report = _report(result, manufacturer, result.modality, groups, summary)
     return _document(
         result, evidence, report, predecessor=predecessor, manufacturer=manufacturer,
         institution=institution,
@@ -516,14 +530,9 @@ def encode_not_performed_sr(
         raise EncodingError(f"status: expected not_performed, got {result.status.value}")
     evidence = check_sources(result, sources)
     _, sop_uid = output_uids(result.study_instance_uid, result.revision, model_versions(result), "sr")
-    group = _summary_group(sop_uid, "not_performed", reason=str(result.reason))
     modality = result.modality if result.modality in ("MR", "CT", "CR", "DX") else "MR"
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer_context(result, manufacturer),
-        procedure_reported=codes.procedure_code(modality),
-        imaging_measurements=[group],
-        title=codes.code("report_title"),
-    )
+    report = _report(result, manufacturer, modality, [], _summary("not_performed", reason=str(result.reason),
+                                                                   notes=summary_notes(result)))
     return _document(
         result, evidence, report, predecessor=predecessor, manufacturer=manufacturer,
         institution=institution,
@@ -631,19 +640,27 @@ def read_status(ds: Dataset) -> tuple[str, str | None]:
     ValueError
         If the SR has no analysis summary group.
     """
-    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
     summary_name = _code_key(codes.code("analysis_summary"))
-    for group in sr.content.get_image_measurement_groups():
+    container = _code_key(codes.code("qualitative_evaluations"))
+    for item in ds.ContentSequence:
+        if item.ValueType != "CONTAINER" or _key_of(item) != container:
+            continue
         outcome = reason = None
-        for item in group[0].ContentSequence:
-            key = _code_key(item.name)
-            if key == summary_name:
-                outcome = str(item.value.meaning)
-            elif key == _code_key(codes.code("comment")):
-                reason = str(item.TextValue)
+        for sub in item.ContentSequence:
+            if _key_of(sub) == summary_name:
+                outcome = str(sub.ConceptCodeSequence[0].CodeMeaning)
+            elif _key_of(sub) == _code_key(codes.code("reason")):
+                reason = str(sub.TextValue)
         if outcome is not None:
             return outcome, reason
-    raise EncodingError("ds: no analysis summary group in the SR")
+    raise EncodingError("ds: no analysis summary in the SR")
+
+
+def _key_of(item: Dataset) -> tuple[str, str]:
+    """(code value, scheme) of a content item's concept name, for datasets and highdicom items alike."""
+    name = item.ConceptNameCodeSequence[0]
+    value = getattr(name, "value", None) or name.get("CodeValue") or name.get("LongCodeValue")
+    return (str(value), str(getattr(name, "scheme_designator", None) or name.CodingSchemeDesignator))
 
 
 def _algorithm_of(group: Any) -> tuple[str | None, str | None]:
