@@ -275,6 +275,7 @@ def load_study(folder: str | os.PathLike[str], study_instance_uid: str | None = 
             unreadable.append((path, f"second copy of SOP Instance {ds.SOPInstanceUID}"))
             continue
         seen.add(str(ds.SOPInstanceUID))
+        study.patient_identities.add((_text(ds.get("PatientID")), _text(ds.get("PatientName"))))
         series = by_uid.get(ds.SeriesInstanceUID)
         if series is None:
             series = by_uid[ds.SeriesInstanceUID] = _series(ds)

@@ -60,6 +60,8 @@ class Study:
     series: list[Series] = field(default_factory=list)
     folder: Path | None = None
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+    # distinct (PatientID, PatientName) pairs among the study's instances; more than one is unsafe
+    patient_identities: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def from_folder(cls, folder: Path | str) -> Study:

@@ -148,6 +148,22 @@ def test_head_mr_is_not_performed(mr_study: tuple[Path, dict], tmp_path: Path, p
     assert encode_outputs(res, folder, tmp_path / "none", not_performed_sr=False) == []
 
 
+def test_two_patients_under_one_study_uid_are_not_analysed(mr_study: tuple[Path, dict], tmp_path: Path,
+                                                          packages: ModelPackages) -> None:
+    def other_patient(ds):
+        if "T1" in str(ds.SeriesDescription).upper():
+            ds.PatientID, ds.PatientName = "OTHER-0001", "Other^Patient"
+
+    folder = _rewrite(mr_study[0], tmp_path / "mixed", other_patient)
+    res = analyze_study(folder, 1, packages=packages, settings=PHANTOMS)
+    assert res.status is StatusValues.NOT_PERFORMED and res.findings == []
+    assert "disagree on patient identity" in res.reason
+    assert "Other" not in res.reason and "OTHER-0001" not in res.reason  # the reason names no identity
+    # one patient's study, rewritten the same way with no change, is analysed
+    same = _rewrite(mr_study[0], tmp_path / "same", lambda ds: None)
+    assert analyze_study(same, 1, packages=packages, settings=PHANTOMS).status is StatusValues.ANALYSED
+
+
 def test_localizer_only_and_garbage_are_not_performed(mr_study: tuple[Path, dict], tmp_path: Path,
                                                       packages: ModelPackages) -> None:
     def localizer(ds):

@@ -145,6 +145,11 @@ def _analyze(run: Run, folder: Path) -> None:
     if not study.series:
         _not_performed(result, "no readable DICOM image in the study")
         return
+    if len(study.patient_identities) > 1:
+        # two patients under one Study Instance UID: one report would mix their images
+        _not_performed(result, f"the study's instances disagree on patient identity (PatientID/PatientName: "
+                               f"{len(study.patient_identities)} different pairs); not analysed")
+        return
     with run.stage("select"):
         _select(study)
     result.series = series_uses(study)
