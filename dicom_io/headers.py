@@ -294,3 +294,29 @@ def load_study(folder: str | os.PathLike[str], study_instance_uid: str | None = 
         len(unreadable),
     )
     return study
+
+
+#: SOP classes of the objects Discus writes (the SR and the Secondary Capture images).
+OUTPUT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"})
+#: Purpose of Reference of Discus's Contributing Equipment item (DCM 109102 "Processing Equipment").
+_PROCESSING_EQUIPMENT = "109102"
+
+
+def is_own_output(path: str | Path, sop_class_uid: str, manufacturer: str = "Discus") -> bool:
+    """Whether a stored object is one Discus wrote (an SR or SC whose processing equipment is ours).
+
+    A PACS that routes whole studies sends Discus's results back with the images;
+    analysing them as new instances would make a new revision, whose results would
+    come back again. Only SR and SC objects are read (their header, no pixels).
+    """
+    if sop_class_uid not in OUTPUT_SOP_CLASSES:
+        return False
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["ContributingEquipmentSequence"])
+    except Exception:  # an unreadable object is not ours; the pipeline reports it
+        return False
+    for item in ds.get("ContributingEquipmentSequence", []):
+        purposes = {str(c.get("CodeValue", "")) for c in item.get("PurposeOfReferenceCodeSequence", [])}
+        if item.get("Manufacturer") == manufacturer and _PROCESSING_EQUIPMENT in purposes:
+            return True
+    return False

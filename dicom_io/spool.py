@@ -28,6 +28,10 @@ SUFFIX = ".dcm"
 Buffer = bytes | bytearray | memoryview
 
 
+#: Folder of the spool holding stored objects that are kept but not analysed.
+RETURNED = "returned"
+
+
 def is_valid_uid(uid: object) -> bool:
     """Whether ``uid`` is a syntactically valid DICOM UID safe to use as a file name."""
     return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
@@ -230,6 +234,31 @@ class Spool:
             raise
         if self.fsync:
             _fsync_dir(path.parent)
+
+    def set_aside(self, path: str | os.PathLike[str], study_uid: str) -> Path:
+        """Move a stored file out of its study's input into ``<root>/returned/<study>/``; returns the new path.
+
+        For objects that must be kept (their C-STORE is answered Success) but never
+        analysed, such as Discus's own results sent back by the PACS. The move is a
+        rename within the spool's file system, and both folders are fsynced.
+
+        Raises
+        ------
+        SpoolError
+            If the file cannot be moved.
+        """
+        src = Path(path)
+        dest_dir = self.root / RETURNED / validate_uid(study_uid, "StudyInstanceUID")
+        try:
+            self._ensure_dir(dest_dir)
+            dest = dest_dir / src.name
+            os.replace(src, dest)
+            if self.fsync:
+                _fsync_dir(dest_dir)
+                _fsync_dir(src.parent)
+        except OSError as exc:
+            raise SpoolError(f"cannot set aside {src.name}: {exc}") from exc
+        return dest
 
     def studies(self) -> list[str]:
         """UIDs of the studies in the spool, sorted."""

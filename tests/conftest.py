@@ -389,10 +389,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 
 def storescu(port: int, files: list[Path], aet: str = "MODALITY", called: str = "DISCUS",
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Send ``files`` with DCMTK storescu over one association (Nagle off)."""
+             timeout: float = 120, required_only: bool = False) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` with DCMTK storescu over one association (Nagle off).
+
+    ``required_only`` proposes just the files' own SOP classes (``-R``): storescu's
+    default list lacks some (Comprehensive 3D SR among them).
+    """
     return subprocess.run(
-        [need("storescu"), "-aet", aet, "-aec", called, "-nh", "127.0.0.1", str(port),
-         *map(str, files)],
+        [need("storescu"), "-aet", aet, "-aec", called, "-nh", *(["-R"] if required_only else []),
+         "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **NODELAY_ENV},
     )

@@ -247,3 +247,20 @@ def test_oblique_source_keeps_its_multi_letter_orientation():
     heat = encode_heatmap_sc(res.findings[0], src, res, 0)
     assert list(heat.PatientOrientation) == ["PH", "FP"]
     assert dciodvfy(heat).ok, dciodvfy(heat).errors
+
+
+def test_own_outputs_are_recognised_and_scanner_images_are_not(outputs, sources, tmp_path):
+    from dicom_io.headers import is_own_output
+
+    for i, ds in enumerate(outputs):  # the SR, the heatmaps and the key image
+        path = tmp_path / f"out{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert is_own_output(path, str(ds.SOPClassUID)), ds.SeriesDescription
+        assert not is_own_output(path, str(ds.SOPClassUID), manufacturer="Another AI")
+    src = tmp_path / "src.dcm"
+    sources[0].save_as(src, enforce_file_format=True)
+    assert not is_own_output(src, str(sources[0].SOPClassUID))
+    scanner_sc = copy.deepcopy(outputs[1])  # a scanner's own secondary capture: no processing equipment of ours
+    del scanner_sc.ContributingEquipmentSequence
+    scanner_sc.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    assert not is_own_output(tmp_path / "sc.dcm", str(scanner_sc.SOPClassUID))

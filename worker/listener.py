@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from dicom_io.headers import is_own_output
 from dicom_io.scp import ListenerConfig, ListenerStats, StoredInstance, start_listener
 from dicom_io.spool import Spool
 from dicom_io.transport import LeanAssociationServer, NoDelayThreadedAssociationServer, lean_transport_problems
@@ -112,15 +113,23 @@ def send_analysis(study_uid: str, revision: int) -> str:
     return task_id
 
 
-def make_on_stored(index: StudyIndex) -> Any:
+def make_on_stored(index: StudyIndex, spool: Spool | None = None) -> Any:
     """The ``on_stored`` callback: record the instance (duplicates included) in the index.
 
     A duplicate is recorded too: if an earlier callback failed, the sender's retry is
     how the index catches up; an identical digest changes nothing. The digest is the
     listener's, computed from the bytes received; the file is read only if it has none.
+    With ``spool``, Discus's own SR and SC objects sent back are set aside in the
+    spool's ``returned`` folder instead: answered Success, on disk, never analysed.
     """
 
     def on_stored(inst: StoredInstance) -> None:
+        if spool is not None and is_own_output(inst.path, inst.sop_class_uid):
+            # our own result sent back (a PACS routing the whole study): kept, never analysed
+            where = spool.set_aside(inst.path, inst.study_instance_uid)
+            log.info("study %s: own output %s sent back; kept in %s, not analysed",
+                     inst.study_instance_uid, inst.sop_instance_uid, where.parent)
+            return
         index.record_instance(inst.study_instance_uid, inst.sop_instance_uid,
                               inst.digest or dataset_digest(inst.path), inst.path.parent.parent)
 
@@ -200,7 +209,7 @@ def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: b
     Spool(settings.spool)  # create the folder, or fail now
     extra = _start_siblings(settings) if monitor and settings.listener_processes > 1 else []
     stats = ListenerStats()
-    server = start_server(settings, make_on_stored(index), stats,
+    server = start_server(settings, make_on_stored(index, Spool(settings.spool)), stats,
                           reuse_port=settings.listener_processes > 1)
     watcher = StabilityMonitor(index, settings) if monitor else None
     if watcher is not None:

@@ -97,3 +97,26 @@ def test_dicomweb_destination_gets_the_result_by_stow(tmp_path: Path, orthanc, d
     objects = discus_objects(orthanc, study_uid)
     assert len(objects) == int(job["objects"]) >= 1
     assert len([o for o in objects if is_sr(o)]) == 1
+
+
+def test_own_results_sent_back_are_kept_and_never_analysed(tmp_path: Path, orthanc, discus) -> None:
+    """A PACS routing the whole study sends Discus's SR and SC back: Success, on disk, no new revision."""
+    d = discus(orthanc, quiet_period=1.0)
+    d.start_listener()
+    d.start_worker()
+    study_uid, files = demo_study(tmp_path / "study", "MR", seed=13)
+    assert storescu(d.port, files).returncode == 0
+    wait_for(lambda: d.index().job(study_uid, 1).get("state") == "done", 180, "the result")
+    ours = [orthanc.download(o["OrthancID"], tmp_path / f"back-{i}.dcm")
+            for i, o in enumerate(discus_objects(orthanc, study_uid))]
+    assert ours
+    sent = storescu(d.port, [*ours, files[0]], required_only=True)  # the results and one image already analysed
+    assert sent.returncode == 0, sent.stderr  # answered Success
+    time.sleep(d.settings["quiet_period"] * 3 + 2)
+    idx = d.index()
+    assert idx.latest_revision(study_uid) == 1 and len(idx.jobs_of(study_uid)) == 1
+    assert int(idx.study(study_uid)["instances"]) == len(files)
+    kept = {p.name for p in (d.spool / "returned" / study_uid).glob("*.dcm")}
+    want = {f"{pydicom.dcmread(p).SOPInstanceUID}.dcm" for p in ours}
+    assert kept == want, (sorted(want - kept), sent.stderr[-2000:])
+    assert not any(p.name in kept for p in (d.spool / study_uid).rglob("*.dcm"))
