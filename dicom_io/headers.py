@@ -320,3 +320,60 @@ def is_own_output(path: str | Path, sop_class_uid: str, manufacturer: str = "Dis
         if item.get("Manufacturer") == manufacturer and _PROCESSING_EQUIPMENT in purposes:
             return True
     return False
+
+
+#: Type 2 attributes of the patient and study modules that results copy from their sources,
+#: with their value representation and largest length (PS3.5 6.2; PN per component group).
+_COPIED_TYPE2: dict[str, tuple[str, int]] = {
+    "PatientName": ("PN", 64), "PatientID": ("LO", 64), "PatientBirthDate": ("DA", 8),
+    "PatientSex": ("CS", 16), "StudyDate": ("DA", 8), "StudyTime": ("TM", 16),
+    "ReferringPhysicianName": ("PN", 64), "StudyID": ("SH", 16), "AccessionNumber": ("SH", 16),
+}
+
+
+def _valid_value(vr: str, value: str, max_len: int) -> bool:
+    import datetime
+    import re
+
+    if vr == "DA":
+        try:
+            datetime.datetime.strptime(value, "%Y%m%d")
+        except ValueError:
+            return False
+        return len(value) == 8
+    if vr == "TM":
+        m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", value)
+        return bool(m) and int(m.group(1)) < 24 and int(m.group(2) or 0) < 60 and int(m.group(3) or 0) < 60
+    if vr == "CS" and value not in ("M", "F", "O"):  # PatientSex: the only CS here
+        return False
+    if vr == "PN":
+        return all(len(group) <= max_len for group in value.split("="))
+    return len(value) <= max_len and "\\" not in value
+
+
+def repair_header(ds: Dataset) -> list[str]:
+    """Make the patient and study attributes that results copy valid, in place; returns what was changed.
+
+    Scanners and PACS send headers without some type 2 attributes, or with values
+    their VR does not allow (``PatientSex`` "ZZZ", ``StudyDate`` "20241345", a
+    64+ character ID). The results copy these attributes and must stay valid: a
+    missing one is added empty (type 2: present, empty), a malformed one is
+    emptied, never guessed at. The returned names are attribute keywords only,
+    never values, so they can go into a log or a reason.
+    """
+    changed = []
+    for keyword, (vr, max_len) in _COPIED_TYPE2.items():
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+            changed.append(f"{keyword} (missing)")
+            continue
+        raw = ds[keyword].value
+        text = "" if raw is None else str(raw).strip()
+        if keyword == "PatientSex" and text.upper() in ("M", "F", "O") and text != text.upper():
+            ds.PatientSex = text.upper()
+            changed.append(f"{keyword} (upper-cased)")
+            continue
+        if text and not _valid_value(vr, text, max_len):
+            setattr(ds, keyword, "")
+            changed.append(f"{keyword} (invalid)")
+    return changed

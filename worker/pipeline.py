@@ -278,7 +278,21 @@ class OutputStream:
         self.outbox = Path(outbox)
         self.skip = result.status is StatusValues.NOT_PERFORMED and not not_performed_sr
         self.sources = {} if self.skip else _sources(study_folder)
+        self._repair_headers()
         self.predecessor = pydicom.dcmread(predecessor) if predecessor is not None and not self.skip else None
+
+    def _repair_headers(self) -> None:
+        """Copy only valid patient/study attributes into the results; say which were left empty."""
+        from dicom_io.headers import repair_header
+
+        changed: set[str] = set()
+        for ds in self.sources.values():
+            changed.update(repair_header(ds))
+        if changed:
+            note = ("source header attributes missing or invalid, left empty in the results: "
+                    + ", ".join(sorted(changed)))
+            if note not in self.result.warnings:
+                self.result.warnings.append(note)
 
     def __len__(self) -> int:
         from dicom_io.sc import count_outputs
