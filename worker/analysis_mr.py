@@ -134,7 +134,7 @@ def grade_discs(run: Run, volume: Volume, discs: list[str], points: dict[str, tu
         with run.stage("classify"):
             grades = grader.grade(volume.array, volume.affine, {lv: points[lv][0] for lv in discs})
         grades = [g for g in grades if _in_domain(run, g, grader)]
-        heads = _abnormal_heads(grades)
+        heads = abnormal_heads(grades)
         heat: dict[tuple[int, str], np.ndarray] = {}
         if heads:
             with run.stage("explain"):
@@ -183,7 +183,7 @@ def _in_domain(run: Run, grade: Any, grader: Any) -> bool:
     return False
 
 
-def _abnormal_heads(grades: Sequence[Any]) -> list[tuple[int, str]]:
+def abnormal_heads(grades: Sequence[Any]) -> list[tuple[int, str]]:
     """(disc index, head) of every abnormal output: the disc category and each finding present."""
     out = []
     for i, g in enumerate(grades):
