@@ -19,10 +19,10 @@ def train(
     data_dir: Path = typer.Option(None, "--data", help="Folder with labels.csv and images/ "
                                   "(default: ../shared/data/xray-scoliosis)."),
     out: Path = typer.Option(None, help="Package directory (default: the shipped models/packages/xray)."),
-    px: int = typer.Option(160, min=32, help="Square network input in pixels."),
+    px: int = typer.Option(128, min=32, help="Square network input in pixels."),
     folds: int = typer.Option(5, min=2, help="Stratified folds grouped by patient."),
-    epochs: int = typer.Option(45, min=1, help="Upper bound on epochs per fold (early stopping)."),
-    patience: int = typer.Option(10, min=1, help="Early-stopping patience in epochs."),
+    epochs: int = typer.Option(80, min=1, help="Upper bound on epochs per fold (early stopping)."),
+    patience: int = typer.Option(25, min=1, help="Early-stopping patience in epochs."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="Torch CPU threads."),
 ) -> None:
