@@ -105,7 +105,9 @@ def render(config: dict[str, Any], evaluation: dict[str, Any], heatmap_note: str
         "## Grad-CAM heatmaps of a sample", "",
         "Four normal and four scoliosis images, each explained for the class `scoliosis` by the fold model "
         "that held it out:", "",
-        "![Grad-CAM sample](gradcam_sample.png)", "",
+        "The grid (`gradcam_sample.png`) and the out-of-fold predictions per image (`cv_predictions.csv`) are "
+        "written beside the package by the training command; they are not shipped, because the grid shows "
+        "the data set's radiographs and the file names carry the patients' age and sex.", "",
         heatmap_note.strip() or "(not yet reviewed)", "",
         "## Plots", "",
         "![cross-validation ROC](cv_roc.png) ![cross-validation confusion](cv_confusion.png)", "",
