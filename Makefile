@@ -14,6 +14,7 @@ stop:
 	bash deploy/stop.sh
 
 test: install
+	.venv/bin/ruff check dicom_io models training worker tests
 	.venv/bin/python -m pytest -q tests
 
 bench: install

@@ -569,7 +569,7 @@ def make_anatomy(
     # Fused sacral segments S2-S4 continue below S1 with a kyphotic curve.
     sacrum: list[Vertebra] = []
     s1 = vert["S1"]
-    prev_inf, t_prev, h_prev = s1["inf"], tilt["S1"], s1["h"]
+    prev_inf, t_prev = s1["inf"], tilt["S1"]
     for k, (hs, ws) in enumerate([(0.8, 0.85), (0.65, 0.65), (0.5, 0.45)]):
         t = t_prev + 10.0
         a = axis_of(t)

@@ -13,7 +13,14 @@ import torch
 
 from models.crops import CROP_SPECS, crop_for_level
 from models.disc_grading import (
-    BINARY_HEADS, LUMBAR_DISCS, OUTPUT_NAMES, DiscGrader, disc_category, disc_crop, head_probabilities, image_volume,
+    BINARY_HEADS,
+    LUMBAR_DISCS,
+    OUTPUT_NAMES,
+    DiscGrader,
+    disc_category,
+    disc_crop,
+    head_probabilities,
+    image_volume,
     split_logits,
 )
 from models.errors import PackageError
@@ -114,10 +121,10 @@ def test_train_a_few_steps_package_and_grade(tmp_path: Path) -> None:
     """Tiny multi-head training, packaged with domain reference and calibration, loaded and used."""
     from models.config import ModelConfig
     from models.package import save_package, sha256_file
+    from models.registry import create_model
     from training.datasets import CropDataset, CropSet
     from training.discs import AUGMENT, fit_domain, fit_heads, preprocessor, targets_of
     from training.loop import TrainSettings
-    from models.registry import create_model
 
     rng = np.random.default_rng(0)
     n = 24

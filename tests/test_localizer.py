@@ -14,14 +14,13 @@ from models.errors import PackageError
 from models.localizer import (
     CHANNELS,
     CRANIOCAUDAL,
-    GRID_SHAPE,
     LevelLocalizer,
     LevelNet,
     Peak,
     SagittalGrid,
     chain_from_sacrum,
-    reslab,
     resample_slices,
+    reslab,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,13 +15,13 @@ import pydicom
 import pytest
 
 from dicom_io.results import DISCS, ConditionValues, StatusValues, StudyResult
-from worker.model_packages import ModelPackages
 from tests.phantom_settings import PHANTOMS
+from worker.model_packages import ModelPackages
 from worker.pipeline import OutputStream, analyze_study, encode_outputs
 
 phantom = pytest.importorskip("dicom_io.phantom", reason="the phantom writer is not installed")
 
-from models.crops import CROP_SPECS
+from models.crops import CROP_SPECS  # noqa: E402  (after the phantom writer is known to be there)
 
 MR_TASKS = {
     "mr_disc": ConditionValues.DISC,
@@ -231,8 +231,8 @@ def test_mr_geometry_on_dicom_with_oracle_levels(mr_study: tuple[Path, dict], tm
     """
     from types import SimpleNamespace
 
-    from dicom_io.volumes import load_volumes
     from dicom_io.headers import load_study
+    from dicom_io.volumes import load_volumes
 
     folder, gt = mr_study
     discs = {k: v for k, v in gt["levels"].items() if k in ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")}

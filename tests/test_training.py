@@ -16,7 +16,7 @@ from models.registry import create_model
 from training.augment import AUGMENTATIONS, Augmenter
 from training.datasets import CropDataset, CropSet
 from training.errors import CheckpointError, DataError
-from training.loop import TrainSettings, fit, predict_probs
+from training.loop import TrainSettings, fit
 from training.trainer import evaluate_package, train_task
 
 torch.set_num_threads(1)

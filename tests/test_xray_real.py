@@ -14,8 +14,16 @@ from PIL import Image
 from models.package import SHIPPED_DIR
 from models.predictor import Predictor
 from training.errors import DataError
-from training.xray import (CLASS_NAMES, PREDICTION_COLUMNS, XrayRecipe, evaluate_xray, load_folder, load_image,
-                           patient_key, read_labels, train_xray)
+from training.xray import (
+    CLASS_NAMES,
+    PREDICTION_COLUMNS,
+    XrayRecipe,
+    load_folder,
+    load_image,
+    patient_key,
+    read_labels,
+    train_xray,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "xray-scoliosis"

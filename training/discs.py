@@ -36,8 +36,17 @@ from tqdm.auto import tqdm
 from models.config import ModelConfig
 from models.crops import CROP_SPECS
 from models.disc_grading import (
-    BINARY_HEADS, HEADS, LUMBAR_DISCS, OUTPUT_NAMES, PFIRRMANN_GRADES, TASK, DiscGrader, disc_crop,
-    head_probabilities, image_volume, split_logits,
+    BINARY_HEADS,
+    HEADS,
+    LUMBAR_DISCS,
+    OUTPUT_NAMES,
+    PFIRRMANN_GRADES,
+    TASK,
+    DiscGrader,
+    disc_crop,
+    head_probabilities,
+    image_volume,
+    split_logits,
 )
 from models.localizer import LevelLocalizer
 from models.preprocess import Preprocessor

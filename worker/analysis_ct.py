@@ -13,10 +13,10 @@ import numpy as np
 
 from dicom_io.results import ConditionValues
 from dicom_io.volume import Volume
+from models.crops import CROP_SPECS, CropSpec
 from worker.analysis import CropJob, Run, classify, crop_job, input_px, localize, no_levels_reason
 from worker.analysis_mr import graded_discs
 from worker.geometry import sagittal_reformat
-from models.crops import CROP_SPECS, CropSpec
 
 #: The level classifier's crop: its own spec when models.crops has one, else the disc classifier's
 #: axial field of view.

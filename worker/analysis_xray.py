@@ -16,7 +16,7 @@ from collections.abc import Collection
 
 import numpy as np
 
-from dicom_io.results import LUMBAR_SPINE, ConditionValues, Finding, GRADES
+from dicom_io.results import GRADES, LUMBAR_SPINE, ConditionValues, Finding
 from dicom_io.volume import Volume
 from models.preprocess import resize_image
 from worker.analysis import Run, grade_names, image_ref, input_px, resize

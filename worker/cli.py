@@ -426,7 +426,6 @@ def doctor() -> None:
         report(found is not None, f"tool {tool}", found or "not installed (apt: dcmtk, dicom3tools)")
     try:
         from models.package import installed_packages
-
         from worker.model_packages import TASKS
 
         pk = installed_packages([str(p) for p in s.model_dirs] or None)

@@ -21,8 +21,8 @@ import pydicom
 import pytest
 
 from dicom_io.results import ConditionValues
-from worker.model_packages import ModelPackages
 from tests.phantom_settings import PHANTOMS
+from worker.model_packages import ModelPackages
 from worker.pipeline import analyze_study, encode_outputs
 
 pytestmark = [pytest.mark.slow]
