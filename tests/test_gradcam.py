@@ -17,6 +17,8 @@ from models.errors import ModelError
 from models.gradcam import GradCamExplainer
 from models.registry import create_model, list_models
 
+pytestmark = pytest.mark.slow  # trains every registered architecture until it separates two classes
+
 torch.set_num_threads(1)
 SIZE = 64
 

@@ -24,6 +24,8 @@ from training.levels import (
     train_model,
 )
 
+pytestmark = pytest.mark.slow  # trains level networks for a few steps
+
 LEVELS = ["T12", "L1", "L2", "L3", "L4", "L5"]
 
 

@@ -18,6 +18,8 @@ from models.predictor import Predictor
 from training.synthetic import synthetic_crops
 from training.tasks import TASKS
 
+pytestmark = pytest.mark.slow  # renders fresh phantom studies and scores every shipped package
+
 torch.set_num_threads(1)
 FRESH_SEEDS = range(200_000, 200_008)
 #: Package of a synthetic training task where it ships under another task: the synthetic X-ray

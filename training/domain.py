@@ -27,6 +27,7 @@ from models.crops import CROP_SPECS, crop_at_disc
 from models.domain import DEFAULT_PERCENTILE, DOMAIN_FILE, FeatureDomain
 from models.package import SHIPPED_DIR, sha256_file
 from models.predictor import Predictor
+from training.calibrate import PHANTOM_TASKS
 
 #: Card section written (and replaced on a rerun) by :func:`attach_domain`.
 CARD_HEADING = "## Input-domain check"
@@ -182,8 +183,9 @@ def build_shipped(shared: Path, tasks: list[str], seeds_ref: range, seeds_held: 
         root = SHIPPED_DIR / task
         cfg = json.loads((root / "config.json").read_text())
         px = int(cfg["preprocessing"].get("crop_px", cfg["input_size"][0]))
-        own = _phantom_crops([task], seeds_ref, px)[task]
-        held = _phantom_crops([task], seeds_held, px)[task]
+        synth = PHANTOM_TASKS.get(task, task)  # the synthetic task whose crops the package learned from
+        own = _phantom_crops([synth], seeds_ref, px)[synth]
+        held = _phantom_crops([synth], seeds_held, px)[synth]
         foreign: dict[str, np.ndarray] = {"noise": noise_crops(64, px)}
         if task.startswith("mr_"):
             foreign["CT phantom crops"] = _phantom_crops(["ct_disc"], range(seeds_held.start, seeds_held.start + 6),
