@@ -72,3 +72,30 @@ def test_predictor_applies_temperature_and_reports_distances() -> None:
     np.testing.assert_allclose(d1, d4, rtol=1e-4)
     assert (p4.max(1) <= p1.max(1) + 1e-6).all()  # a higher temperature never sharpens
     assert (p4.argmax(1) == p1.argmax(1)).all()
+
+
+def test_a_ct_crop_fed_to_an_mr_package_is_refused() -> None:
+    """The shipped axial MR disc model refuses CT crops: no finding, a warning with the distance."""
+    phantom = pytest.importorskip("dicom_io.phantom", reason="the phantom writer is not installed")
+    from dicom_io.results import ConditionValues, StudyResult
+    from dicom_io.volume import Volume
+    from models.package import SHIPPED_DIR
+    from worker.analysis import AnalysisOptions, Run, classify, crop_job
+    from worker.model_packages import ModelPackages
+
+    mr_disc = Predictor.from_package(SHIPPED_DIR / "mr_disc", device="cpu")
+    assert mr_disc.domain is not None
+    anat = phantom.make_anatomy(11)
+    ct = phantom.render_ct(anat)
+    vol = Volume(np.asarray(ct.array, np.float32), np.asarray(ct.affine, float),
+                 [f"1.2.3.{i + 1}" for i in range(ct.array.shape[0])])
+    levels = anat.levels_mm()
+    jobs = [crop_job("mr_disc", lv, None, [vol], np.asarray(levels[lv], float), 64, 10.0)[0]
+            for lv in ("L3-L4", "L4-L5", "L5-S1")]
+    _, dist = mr_disc.assess(np.stack([j.crop for j in jobs]))
+    assert (dist > 1.5 * mr_disc.domain.threshold).all(), (dist, mr_disc.domain.threshold)  # far, not marginal
+    run = Run(StudyResult("1.2.3", 1), ModelPackages.from_loaded({"mr_disc": mr_disc}),
+              AnalysisOptions(report_synthetic_models=True))
+    assert classify(run, jobs, ConditionValues.DISC) == []
+    withheld = [w for w in run.result.warnings if "finding withheld" in w]
+    assert len(withheld) == 3 and all("feature distance" in w for w in withheld)

@@ -60,10 +60,17 @@ def _analyze(run: Run, task: str, images: list[Volume]) -> None:
     with run.stage("crops"):
         batch = np.stack([resize_image(v.array[0], (px, px), antialias=antialias) for v in images])
     with run.stage("classify"):
-        probs = np.asarray(predictor.predict(batch), float)
+        assess = getattr(predictor, "assess", None)
+        probs, dist = assess(batch) if assess is not None else (predictor.predict(batch), None)
+        probs = np.asarray(probs, float)
     cls = probs.argmax(axis=1)
     info = run.used.get(task)
+    domain = getattr(predictor, "domain", None)
     for i, vol in enumerate(images):
+        if dist is not None and domain is not None and dist[i] > domain.threshold:
+            run.warn(f"radiograph {vol.sop_instance_uids[0]}: {task} finding withheld: the image is unlike those "
+                     f"the model was validated on (feature distance {dist[i]:.1f} > threshold {domain.threshold:.1f})")
+            continue
         grade = grades[int(cls[i])]
         heat = None
         r, c = (vol.array.shape[1] - 1) / 2.0, (vol.array.shape[2] - 1) / 2.0
@@ -84,5 +91,6 @@ def _analyze(run: Run, task: str, images: list[Volume]) -> None:
                 model_version=info.version if info else "unknown",
                 image=image_ref(vol, 0, float(r), float(c)),
                 heatmap=heat,
+                calibrated=bool(getattr(predictor.config, "calibration", None)),
             )
         )
