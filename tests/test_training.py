@@ -111,6 +111,10 @@ def test_train_task_writes_a_complete_package(tmp_path: Path) -> None:
               "holdout_confusion.png", "holdout_roc.png"):
         assert (out / f).stat().st_size > 0, f
     card = (out / "MODEL_CARD.md").read_text()
+    assert card.splitlines()[2].startswith("**Provenance:** [SYNTHETIC ONLY]")  # the card opens with it
+    assert cfg.synthetic_only and cfg.provenance_record.validation["method"] == "held-out"
+    cal = cfg.calibration
+    assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9  # fitted on the same logits
     assert "synthetic phantom data only" in card and "Not for clinical use" in card
     assert "reduced configuration" in card
     js = json.loads((out / "model_card.json").read_text())

@@ -55,6 +55,8 @@ def card_data(config: ModelConfig, evaluation: dict[str, Any] | None = None) -> 
         "decision support research; validate locally before any clinical use",
         "warnings": [SYNTHETIC_WARNING] if synthetic else ["Not validated for clinical use."],
         "evaluation": evaluation or {},
+        "provenance": (config.provenance_record.one_line() if config.provenance_record else
+                       "[NO PROVENANCE] the package declares no training data or validation"),
     }
 
 
@@ -62,6 +64,8 @@ def render_markdown(card: dict[str, Any]) -> str:
     """Markdown text of a card made by :func:`card_data`."""
     t = card["training"]
     lines = [f"# {card['name']} {card['version']}", ""]
+    if card.get("provenance"):
+        lines += [f"**Provenance:** {card['provenance']}", ""]
     for w in card["warnings"]:
         lines += [f"**{w}**", ""]
     lines += [

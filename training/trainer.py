@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.calibration import calibration_summary
 from models.config import ModelConfig
 from models.package import save_package
 from models.predictor import Predictor
@@ -202,7 +203,22 @@ def train_task(
     }
     if small:
         training["architecture_note"] = SMALL_NOTE.format(kwargs=kwargs)
-    config = ModelConfig(**{**draft.to_dict(), "training": clean(training), "metrics": clean(metrics)})
+    y_oof = crops.labels[oof_idx]
+    calibration = calibration_summary(np.log(np.clip(oof_probs.astype(np.float64), 1e-12, 1.0)), y_oof)
+    evaluation["calibration"] = clean(calibration)
+    provenance = {
+        "training_data": [{"name": str(crops.summary()["source"]), "kind": "synthetic" if synthetic else "real",
+                           "cases": int(crops.summary()["n_groups"])}],
+        "validation": {
+            "method": "held-out" if metrics_source == "held-out set" else "internal cross-validation",
+            "description": metrics_source if metrics_source == "held-out set" else
+            f"{folds}-fold cross-validation grouped by case (mean over folds)",
+            "figures": {k: metrics[k] for k in ("accuracy", "macro_f1", "macro_auc", "n") if k in metrics},
+        },
+        "domain": {"modality": spec.modality, "body_part": "lumbar spine", "task": spec.description},
+    }
+    config = ModelConfig(**{**draft.to_dict(), "training": clean(training), "metrics": clean(metrics),
+                            "provenance": clean(provenance), "calibration": clean(calibration)})
     final = save_package(model, config, out, fp16=fp16)
     write_card(out, final, evaluation)
     return final, cv
