@@ -83,6 +83,7 @@ flower_port = $FLOWER_PORT
 # The demo study is a synthetic phantom: analyses trained on phantoms only may report on it here.
 # A site's configuration leaves this false, so they never report on a patient.
 report_synthetic_models = true
+results_url = "http://127.0.0.1:$ORTHANC_HTTP_PORT/dicom-web"
 
 [[destinations]]
 name = "orthanc"
@@ -139,7 +140,7 @@ storescu -aet MODALITY -aec DISCUS 127.0.0.1 "$LISTENER_PORT" "${files[@]}"
 t1=$(date +%s%N)
 echo "  sent in $(( (t1 - t0) / 1000000 )) ms; waiting for the results in Orthanc"
 
-"${DISCUS[@]}" results "$study_uid" --url "http://127.0.0.1:$ORTHANC_HTTP_PORT/dicom-web" --wait 300
+"${DISCUS[@]}" results "$study_uid" --wait 300
 t2=$(date +%s%N)
 echo
 echo "results arrived $(( (t2 - t1) / 1000000 )) ms after the last instance (quiet period ${QUIET_PERIOD} s)"

@@ -656,6 +656,15 @@ def read_status(ds: Dataset) -> tuple[str, str | None]:
     raise EncodingError("ds: no analysis summary in the SR")
 
 
+def read_notes(ds: Dataset) -> list[str]:
+    """The SR summary's notes: analyses not reported (with why) and warnings, in the SR's order."""
+    container = _code_key(codes.code("qualitative_evaluations"))
+    comment = _code_key(codes.code("comment"))
+    return [str(sub.TextValue) for item in ds.get("ContentSequence", [])
+            if item.ValueType == "CONTAINER" and _key_of(item) == container
+            for sub in item.ContentSequence if _key_of(sub) == comment]
+
+
 def _key_of(item: Dataset) -> tuple[str, str]:
     """(code value, scheme) of a content item's concept name, for datasets and highdicom items alike."""
     name = item.ConceptNameCodeSequence[0]

@@ -318,17 +318,58 @@ def _fetch_results(url: str, study_uid: str) -> tuple[list[dict[str, Any]], Any]
     return rows, sr
 
 
+def _results_url(url: str | None) -> tuple[str, dict[str, str] | None]:
+    """The PACS to read results from: ``--url``, else ``results_url``, else the first dicomweb destination."""
+    s = _settings()
+    if url:
+        return url, None
+    if s.results_url:
+        return s.results_url, None
+    for d in s.destinations:
+        if d.kind == "dicomweb" and d.url:
+            return d.url, ({"username": d.username, "password": d.password or ""} if d.username else None)
+    raise typer.BadParameter("no PACS to read from: give --url, or set results_url (or a dicomweb destination) "
+                             "in the configuration", param_hint="--url")
+
+
+def _study_by_accession(url: str, accession: str, auth: dict[str, str] | None) -> str:
+    """The Study Instance UID of an accession number (QIDO-RS); refuses none or several."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url, **(_session(auth) if auth else {}))
+    found = client.search_for_studies(search_filters={"AccessionNumber": accession})
+    uids = sorted({str(f.get("0020000D", {}).get("Value", [""])[0]) for f in found} - {""})
+    if len(uids) != 1:
+        raise typer.BadParameter(f"accession number {accession!r}: {len(uids)} studies in the PACS "
+                                 f"({', '.join(uids) or 'none'})", param_hint="--accession")
+    return uids[0]
+
+
+def _session(auth: dict[str, str]) -> dict[str, Any]:
+    from dicomweb_client.session_utils import create_session_from_auth
+    from requests.auth import HTTPBasicAuth
+
+    return {"session": create_session_from_auth(HTTPBasicAuth(auth["username"], auth["password"]))}
+
+
 @app.command()
 def results(
-    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
-    url: Annotated[str, typer.Option(help="DICOMweb base URL of the PACS.")] = "http://127.0.0.1:8042/dicom-web",
+    study: Annotated[str, typer.Argument(help="Study Instance UID (or, with --accession, an accession number).")],
+    url: Annotated[str | None, typer.Option(help="DICOMweb base URL of the PACS (default: results_url, "
+                                                  "else the first dicomweb destination).")] = None,
+    accession: Annotated[bool, typer.Option("--accession", help="STUDY is an accession number.")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the SR to arrive.")] = 0.0,
 ) -> None:
-    """Show what Discus sent back into the PACS for a study: objects and the SR's findings."""
+    """Show what Discus sent back into the PACS for a study: objects, the SR's findings, revision and notes."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    base, auth = _results_url(url)
+    study_uid = _study_by_accession(base, study, auth) if accession else study
+    if accession:
+        console.print(f"accession {study}: study {study_uid}")
+    url = base
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -365,6 +406,13 @@ def results(
                       f"{prob:.2f}" if isinstance(prob, (int, float)) else "",
                       f"{f.get('model') or ''} {f.get('model_version') or ''}".strip())
     console.print(table)
+    from dicom_io.sr import read_notes, read_status
+
+    outcome, reason = read_status(sr)
+    console.print(f"SR revision {getattr(sr, 'InstanceNumber', '?')} ({sr.SOPInstanceUID}): {outcome}"
+                  + (f"; {reason}" if reason else ""), markup=False)
+    for note in read_notes(sr):
+        console.print(f"  {note}", markup=False, soft_wrap=True)
     if not findings:
         console.print("The SR reports no findings; its text says why (analysis not performed, "
                       "or no model package installed for the analyses).")

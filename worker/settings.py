@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     write_not_performed_sr: bool = True
     # Packages trained on synthetic data only report on studies only where the site allows it
     report_synthetic_models: bool = False
+    # DICOMweb base URL `discus results` reads delivered objects from; default: the first
+    # dicomweb destination's url
+    results_url: str | None = None
     # Packages validated on patients whose figures miss their declared targets: withheld unless allowed
     report_below_target_models: bool = False
     # Analysis options (worker.analysis.AnalysisOptions); None keeps that class's default

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_storescu_study_comes_back_as_valid_sr_and_sc(tmp_path: Path, orthanc, discus) -> None:
     from dicom_io.validate import dciodvfy
 
-    d = discus(orthanc)
+    d = discus(orthanc, results_url=orthanc.dicomweb_url)  # `discus results` reads from the configured PACS
     d.start_listener()
     d.start_worker()
     study_uid, files = demo_study(tmp_path / "study", "MR", seed=11)
@@ -40,10 +40,16 @@ def test_storescu_study_comes_back_as_valid_sr_and_sc(tmp_path: Path, orthanc, d
         report = dciodvfy(path)
         assert report.ok, f"{o['SOPClassUID']}: {report.errors}"
     # what an operator sees: the objects and the findings read back from the SR
-    shown = d.cli("results", study_uid, "--url", orthanc.dicomweb_url).stdout
+    shown = d.cli("results", study_uid).stdout
     assert srs[0]["SOPInstanceUID"] in shown
     assert "Findings in the SR" in shown and f"{len(result.findings)} entries" in shown
     assert f"status: {result.status.value}" in shown
+    assert f"SR revision 1 ({srs[0]['SOPInstanceUID']})" in shown
+    for analysis in result.not_run:  # what was withheld, read from the SR itself
+        assert f"Not reported: {analysis}:" in shown
+    accession = pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber
+    by_accession = d.cli("results", str(accession), "--accession").stdout
+    assert f"accession {accession}: study {study_uid}" in by_accession and srs[0]["SOPInstanceUID"] in by_accession
 
 
 def test_several_associations_and_identical_resend_give_one_result(tmp_path: Path, orthanc,
