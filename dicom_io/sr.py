@@ -430,7 +430,7 @@ def _document(
         contributing_equipment=contributing_equipment(
             result, manufacturer, institution, date + time
         ),
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=f"{SR_SERIES_DESCRIPTION} (revision {result.revision})",
         coding_schemes=_coding_schemes(),
         content_date=date,
         content_time=time,

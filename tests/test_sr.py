@@ -112,6 +112,7 @@ def test_header_contract(result, sources, sr):
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.CompletionFlag == "COMPLETE"
     assert "AI-generated" in sr.SeriesDescription and "not a diagnosis" in sr.SeriesDescription
+    assert sr.SeriesDescription.endswith("(revision 1)")  # a viewer's series list tells revisions apart
     assert sr.StudyInstanceUID == result.study_instance_uid
     assert sr.PatientName == sources[0].PatientName and sr.PatientID == "P0001"
     evidence = {
@@ -200,7 +201,7 @@ def test_new_revision_lists_predecessor(result, sources, sr):
     (study,) = new.PredecessorDocumentsSequence
     item = study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert item.ReferencedSOPInstanceUID == sr.SOPInstanceUID
-    assert new.InstanceNumber == 2
+    assert new.InstanceNumber == 2 and new.SeriesDescription.endswith("(revision 2)")
     with pytest.raises(EncodingError, match="predecessor"):
         encode_sr(result, sources, predecessor=sr)  # revision 1 has none
 
