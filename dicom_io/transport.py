@@ -117,11 +117,21 @@ def set_nodelay(sock: socket.socket) -> None:
 
 
 class _NoDelayServerMixin:
-    """Accepts connections with ``TCP_NODELAY`` set."""
+    """Accepts connections with ``TCP_NODELAY`` set and the AE's network timeout on every read.
+
+    An accepted socket has no timeout of its own: a peer that claims a PDU length
+    and then sends nothing (or one byte a second) would block the reading thread,
+    and hold an association slot, for as long as it kept the connection open. With
+    the timeout, a read that waits longer than ``network_timeout`` fails, and the
+    association is closed as if the peer had (Evt17).
+    """
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client_socket, address = super().get_request()  # type: ignore[misc]
         set_nodelay(client_socket)
+        timeout = getattr(getattr(self, "ae", None), "network_timeout", None)
+        if timeout:
+            client_socket.settimeout(float(timeout))
         return client_socket, address
 
 

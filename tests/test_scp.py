@@ -379,3 +379,37 @@ def test_malformed_pdu_aborts_the_association_and_listener_goes_on(listener: Run
     paths = write_stack(tmp_path / "src", 1)
     assert storescu(listener.port, paths).returncode == 0
     assert len(listener.stored) == 1
+
+
+def test_peers_that_stall_mid_pdu_are_dropped_and_slots_come_back(tmp_path: Path) -> None:
+    """Ten connections that send a bare P-DATA header claiming more bytes, then nothing, hold no slot for long."""
+    import socket as socket_module
+    import time
+
+    stats = ListenerStats()
+    running = Running(0, Spool(tmp_path / "spool"), stats)
+    config = ListenerConfig(host="127.0.0.1", port=0, allowed_calling_aets=["STORESCU", "DISCUS"],
+                            max_associations=10, network_timeout=2.0, acse_timeout=2.0)
+    server = start_listener(running.spool, config, on_stored=running.on_stored, stats=stats)
+    try:
+        port = server.server_address[1]
+        stalled = []
+        for _ in range(10):
+            s = socket_module.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"\x01\x00" + (1000).to_bytes(4, "big"))  # an A-ASSOCIATE-RQ header, no body
+            stalled.append(s)
+        try:
+            time.sleep(config.network_timeout + 2.0)
+            # every stalled peer was dropped: the listener closed its side
+            for s in stalled:
+                s.settimeout(5)  # a peer still held open would time out here
+                while s.recv(1024):  # an A-ABORT may come before the close
+                    pass
+            paths = write_stack(tmp_path / "src", 2, description="SAG T2")
+            result = storescu(port, paths)
+            assert result.returncode == 0 and len(running.stored) == 2, result.stderr
+        finally:
+            for s in stalled:
+                s.close()
+    finally:
+        server.shutdown()
