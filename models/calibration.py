@@ -97,18 +97,34 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def calibration_summary(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | str]:
-    """Fit a temperature and report ECE and NLL before and after: the package's ``calibration``."""
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Logits up to a per-row constant (which neither softmax nor a temperature sees) from probabilities."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0))
+
+
+def calibration_summary(
+    logits: np.ndarray, labels: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None = None,
+    method: str = "temperature scaling fitted on out-of-fold logits",
+) -> dict[str, float | str]:
+    """Fit a temperature on ``(logits, labels)`` and report ECE and NLL before and after.
+
+    The figures are measured on ``test`` (logits, labels) when given, else on the
+    fitting set itself (then optimistic). Returns the package's ``calibration``.
+    """
     t = fit_temperature(logits, labels)
-    return {
-        "method": "temperature scaling fitted on out-of-fold logits",
+    z, y = test if test is not None else (logits, labels)
+    out: dict[str, float | str] = {
+        "method": method,
         "temperature": t,
-        "ece_before": expected_calibration_error(softmax(logits), labels),
-        "ece_after": expected_calibration_error(softmax(logits, t), labels),
-        "nll_before": nll(logits, labels),
-        "nll_after": nll(logits, labels, t),
-        "n": int(len(labels)),
+        "ece_before": expected_calibration_error(softmax(z), y),
+        "ece_after": expected_calibration_error(softmax(z, t), y),
+        "nll_before": nll(z, y),
+        "nll_after": nll(z, y, t),
+        "n": int(len(y)),
     }
+    if test is not None:
+        out["n_fit"] = int(len(labels))
+    return out
 
 
-__all__ = ["ECE_BINS", "calibration_summary", "expected_calibration_error", "fit_temperature", "nll", "softmax"]
+__all__ = ["ECE_BINS", "calibration_summary", "log_probs", "expected_calibration_error", "fit_temperature", "nll", "softmax"]

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.calibration import calibration_summary, expected_calibration_error, nll, softmax
+from models.calibration import calibration_summary, log_probs
 from models.package import SHIPPED_DIR
 from models.predictor import Predictor
+from training.cards import replace_card_section
 
 #: Card section written (and replaced on a rerun).
 CARD_HEADING = "## Calibration"
@@ -35,10 +35,8 @@ PHANTOM_TASKS: dict[str, str] = {
 
 
 def _logits(predictor: Predictor, crops: np.ndarray) -> np.ndarray:
-    # log-probabilities at temperature 1 are the logits up to a per-row constant,
-    # which neither softmax nor temperature scaling sees
-    predictor.temperature = 1.0
-    return np.log(np.clip(predictor.predict(crops).astype(np.float64), 1e-12, 1.0))
+    predictor.temperature = 1.0  # the bare network's outputs
+    return log_probs(predictor.predict(crops))
 
 
 def calibrate_package(package: str | Path, fit: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
@@ -46,35 +44,21 @@ def calibrate_package(package: str | Path, fit: tuple[np.ndarray, np.ndarray], t
     """Fit a temperature on ``fit`` (crops, labels), measure on ``test``; write config and card."""
     root = Path(package)
     predictor = Predictor.from_package(root, device="cpu")
-    fitted = calibration_summary(_logits(predictor, fit[0]), fit[1])
-    t = float(fitted["temperature"])
-    z, y = _logits(predictor, test[0]), test[1]
-    cal = {
-        "method": "temperature scaling fitted on fresh synthetic phantom studies (never used in training)",
-        "temperature": t,
-        "ece_before": expected_calibration_error(softmax(z), y),
-        "ece_after": expected_calibration_error(softmax(z, t), y),
-        "nll_before": nll(z, y),
-        "nll_after": nll(z, y, t),
-        "n_fit": int(len(fit[1])),
-        "n": int(len(y)),
-        "data": note,
-    }
+    cal: dict[str, Any] = calibration_summary(
+        _logits(predictor, fit[0]), fit[1], test=(_logits(predictor, test[0]), test[1]),
+        method="temperature scaling fitted on fresh synthetic phantom studies (never used in training)")
+    cal["data"] = note
     cfg_path = root / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["calibration"] = cal
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    card = root / "MODEL_CARD.md"
-    text = card.read_text() if card.is_file() else ""
-    text = re.sub(rf"\n{re.escape(CARD_HEADING)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n"
-    text += (
-        f"\n{CARD_HEADING}\n\nTemperature scaling: T = {t:.3f}, fitted on {cal['n_fit']} crops of fresh synthetic "
+    replace_card_section(root, CARD_HEADING, (
+        f"Temperature scaling: T = {cal['temperature']:.3f}, fitted on {cal['n_fit']} crops of fresh synthetic "
         f"phantom studies; on {cal['n']} crops of other fresh studies the expected calibration error is "
         f"{cal['ece_before']:.3f} before and {cal['ece_after']:.3f} after (NLL {cal['nll_before']:.3f} -> "
         f"{cal['nll_after']:.3f}). {note}. Calibrated on phantoms, these probabilities say nothing about "
-        "patients' images.\n"
-    )
-    card.write_text(text)
+        "patients' images."
+    ))
     return cal
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,15 @@ def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def replace_card_section(directory: str | Path, heading: str, body: str) -> Path:
+    """Put ``heading`` and ``body`` at the end of a package's ``MODEL_CARD.md``, replacing an earlier one."""
+    card = Path(directory) / "MODEL_CARD.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    text = re.sub(rf"\n{re.escape(heading)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n"
+    card.write_text(f"{text}\n{heading}\n\n{body.rstrip()}\n", encoding="utf-8")
+    return card
 
 
 def refresh_card(directory: str | Path) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from models.domain import DEFAULT_PERCENTILE, DOMAIN_FILE, FeatureDomain
 from models.package import SHIPPED_DIR, sha256_file
 from models.predictor import Predictor
 from training.calibrate import PHANTOM_TASKS
+from training.cards import replace_card_section
 
 #: Card section written (and replaced on a rerun) by :func:`attach_domain`.
 CARD_HEADING = "## Input-domain check"
@@ -98,25 +98,20 @@ def attach_domain(
 
 
 def _card_section(root: Path, check: dict[str, Any]) -> None:
-    card = root / "MODEL_CARD.md"
-    text = card.read_text() if card.is_file() else ""
-    text = re.sub(rf"\n{re.escape(CARD_HEADING)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n"
     rows = "\n".join(
         f"| {name} | {check['counts'].get(name, '')} | {share:.1%} | "
         f"{'< 5%' if name == 'heldout' else '> 95%'} | "
         f"{'met' if (share < TARGET_HELDOUT if name == 'heldout' else share > TARGET_FOREIGN) else 'NOT met'} |"
         for name, share in check["flagged"].items()
     )
-    text += (
-        f"\n{CARD_HEADING}\n\n"
+    replace_card_section(root, CARD_HEADING, (
         "A crop whose features (the last linear layer's input, mean and SD of each Grad-CAM layer) lie "
         "farther (Mahalanobis distance, Ledoit-Wolf "
         f"covariance) than {check['threshold']:.1f} from the reference gets no finding, only a warning. "
         f"Reference: {check['reference']}; threshold at the {check['percentile']:g}th percentile of "
         f"{check['counts']['threshold_set']} held-out crops, measured on {check['counts']['heldout']} others.\n\n"
-        "| inputs | crops | flagged | target | |\n|---|---|---|---|---|\n" + rows + "\n"
-    )
-    card.write_text(text)
+        "| inputs | crops | flagged | target | |\n|---|---|---|---|---|\n" + rows
+    ))
 
 
 # --------------------------------------------------------------------------- crops of each kind

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.calibration import calibration_summary
+from models.calibration import calibration_summary, log_probs
 from models.config import ModelConfig
 from models.package import save_package
 from models.predictor import Predictor
@@ -204,7 +204,7 @@ def train_task(
     if small:
         training["architecture_note"] = SMALL_NOTE.format(kwargs=kwargs)
     y_oof = crops.labels[oof_idx]
-    calibration = calibration_summary(np.log(np.clip(oof_probs.astype(np.float64), 1e-12, 1.0)), y_oof)
+    calibration = calibration_summary(log_probs(oof_probs), y_oof)
     evaluation["calibration"] = clean(calibration)
     provenance = {
         "training_data": [{"name": str(crops.summary()["source"]), "kind": "synthetic" if synthetic else "real",

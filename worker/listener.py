@@ -190,9 +190,10 @@ def server_class(settings: Settings, reuse_port: bool) -> type:
     return ReusePortAssociationServer if reuse_port else LeanAssociationServer
 
 
-def start_server(settings: Settings, on_stored: Any, stats: ListenerStats, reuse_port: bool) -> Any:
+def start_server(settings: Settings, on_stored: Any, stats: ListenerStats, reuse_port: bool,
+                 spool: Spool | None = None) -> Any:
     """Start the SCP in a background thread; return the server (``shutdown()`` stops it)."""
-    return start_listener(Spool(settings.spool), listener_config(settings), on_stored, stats,
+    return start_listener(spool or Spool(settings.spool), listener_config(settings), on_stored, stats,
                           server_class=server_class(settings, reuse_port))
 
 
@@ -206,11 +207,11 @@ def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: b
     stop = stop if stop is not None else threading.Event()
     index = StudyIndex.from_url(settings.redis_url)
     index.r.ping()  # fail at start, not at the first instance
-    Spool(settings.spool)  # create the folder, or fail now
+    spool = Spool(settings.spool)  # create the folder, or fail now
     extra = _start_siblings(settings) if monitor and settings.listener_processes > 1 else []
     stats = ListenerStats()
-    server = start_server(settings, make_on_stored(index, Spool(settings.spool)), stats,
-                          reuse_port=settings.listener_processes > 1)
+    server = start_server(settings, make_on_stored(index, spool), stats,
+                          reuse_port=settings.listener_processes > 1, spool=spool)
     watcher = StabilityMonitor(index, settings) if monitor else None
     if watcher is not None:
         try:

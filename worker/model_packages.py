@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 from dicom_io.results import ModelInfo
 from models.config import ModelConfig
-from models.package import read_config
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,19 @@ def _package_task(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return str(task) if task else None
+
+
+def _config_of(obj: Any) -> ModelConfig | None:
+    """The package configuration a loaded localizer or predictor carries (None if it has no valid one)."""
+    cfg = getattr(obj, "config", None)
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        try:
+            return ModelConfig.from_dict(cfg)
+        except ValueError:
+            return None
+    return None
 
 
 def _find(task: str, dirs: tuple[Path, ...]) -> Path | None:
@@ -140,7 +152,9 @@ class ModelPackages:
             return
         self.loaded[task] = obj
         self.paths[task] = folder
-        self.configs[task] = read_config(folder)
+        cfg = _config_of(obj)
+        if cfg is not None:
+            self.configs[task] = cfg
 
     @classmethod
     def from_loaded(cls, loaded: dict[str, Any], *, reason: str = "not provided") -> ModelPackages:
@@ -158,15 +172,7 @@ class ModelPackages:
         self.loaded = dict(loaded)
         self.missing = {t: reason for t in TASKS if t not in loaded}
         self.paths = {t: Path(t) for t in loaded}
-        for t, obj in loaded.items():
-            cfg = getattr(obj, "config", None)
-            if isinstance(cfg, ModelConfig):
-                self.configs[t] = cfg
-            elif isinstance(cfg, dict):
-                try:
-                    self.configs[t] = ModelConfig.from_dict(cfg)
-                except ValueError:
-                    pass
+        self.configs = {t: cfg for t, obj in loaded.items() if (cfg := _config_of(obj)) is not None}
         return self
 
     def below_target(self, task: str) -> str:
