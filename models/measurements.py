@@ -367,25 +367,59 @@ def _intersect(p: _Line, q: _Line) -> np.ndarray | None:
     return p.point + s * p.direction
 
 
-class _Shape:
-    """One label's largest component, sampled along lines in mm."""
+def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return np.array([[lo[0], lo[1]], [lo[0], hi[1]], [hi[0], lo[1]], [hi[0], hi[1]]])
 
-    def __init__(self, mask: np.ndarray, spacing: np.ndarray) -> None:
-        self.mask = mask
+
+class _Shape:
+    """One label's largest component, sampled along lines in mm.
+
+    ``mask`` is the component within a box of an image of ``image_shape``, the box's first
+    pixel at ``offset``.
+    """
+
+    #: Samples per probe (see ``runs``): one pixel of the finer spacing.
+    STRIDE = 8
+
+    def __init__(self, mask: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, ...],
+                 spacing: np.ndarray) -> None:
         self.spacing = spacing
+        self.image_shape = image_shape
         rr, cc = np.nonzero(mask)
+        rr, cc = rr + offset[0], cc + offset[1]
         self.centre = np.array([rr.mean() * spacing[0], cc.mean() * spacing[1]])
+        first, last = np.array([rr.min(), cc.min()]), np.array([rr.max(), cc.max()])
         # bounding box grown by two pixels, so a line sampled to its far corner leaves the component
         # (and the image, where the component touches the edge)
-        lo = (np.array([rr.min(), cc.min()]) - 2.0) * spacing
-        hi = (np.array([rr.max(), cc.max()]) + 2.0) * spacing
-        self.corners = np.array([[lo[0], lo[1]], [lo[0], hi[1]], [hi[0], lo[1]], [hi[0], hi[1]]])
+        self.corners = _box_corners((first - 2.0) * spacing, (last + 2.0) * spacing)
+        # corners of the kept grid (below) less its ring, grown by half a pixel: no sample beyond them
+        # rounds to a pixel of the component
+        self.grid_corners = _box_corners((first - 1.5) * spacing, (last + 1.5) * spacing)
         # fine enough that a sampled border lies within a small share of a pixel of the mask's
         self.step = float(spacing.min()) / 8.0
+        # Only a grid around the component is kept, its box grown by two pixels, so the outer
+        # ring is empty in ``mask`` and ``kind`` and stands for every pixel beyond it. ``kind``
+        # sorts each pixel as outside (0: no component pixel among it and its eight
+        # neighbours), inside (2: all nine in the component) or border (1).
+        self.origin = first - 2
+        grid = tuple(slice(a - o, b - o + 5) for a, b, o in zip(first, last, offset))  # in the padded mask
+        grown = np.pad(mask, 2)[grid]
+        eight = np.ones((3, 3), dtype=bool)
+        kind = ndimage.binary_dilation(grown, eight).astype(np.int8) + ndimage.binary_erosion(grown, eight)
+        self.grid_shape = grown.shape
+        self.mask, self.kind = grown.ravel(), kind.ravel()
+        # a sample next to one in the component is in the image unless the component touches its edge
+        self.at_edge = bool(first.min() == 0 or last[0] == image_shape[0] - 1 or last[1] == image_shape[1] - 1)
 
     def reach(self, origins: np.ndarray) -> float:
         """Distance from the farthest origin to the farthest corner of the grown bounding box."""
         return float(np.linalg.norm(origins[:, None, :] - self.corners[None], axis=-1).max())
+
+    def _pixels(self, origins: np.ndarray, direction: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image row and column of the pixels holding samples ``origins[:, None] + t * direction``."""
+        r = np.rint((origins[:, 0, None] + t * direction[0]) / self.spacing[0]).astype(np.int64)
+        c = np.rint((origins[:, 1, None] + t * direction[1]) / self.spacing[1]).astype(np.int64)
+        return r, c
 
     def runs(self, origins: np.ndarray, direction: np.ndarray, forward_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """First and last parameter inside the mask on lines ``origin + t * direction``.
@@ -397,20 +431,44 @@ class _Shape:
         """
         reach = self.reach(origins)
         t = np.arange(0.0 if forward_only else -reach, reach + self.step / 2, self.step)
-        pts = origins[:, None, :] + t[None, :, None] * direction[None, None, :]
-        r = np.rint(pts[..., 0] / self.spacing[0]).astype(np.int64)
-        c = np.rint(pts[..., 1] / self.spacing[1]).astype(np.int64)
-        inb = (r >= 0) & (r < self.mask.shape[0]) & (c >= 0) & (c < self.mask.shape[1])
-        inside = np.zeros(inb.shape, dtype=bool)
-        inside[inb] = self.mask[r[inb], c[inb]]
         n = len(t)
-        rows = np.arange(len(origins))
-        first = np.argmax(inside, axis=1)
-        last = n - 1 - np.argmax(inside[:, ::-1], axis=1)
-        ok = inside.any(axis=1) & (first > 0) & (last < n - 1)
-        ok &= inb[rows, np.maximum(first - 1, 0)] & inb[rows, np.minimum(last + 1, n - 1)]
-        lo = np.where(ok, t[first] - self.step / 2, np.nan)
-        hi = np.where(ok, t[last] + self.step / 2, np.nan)
+        # The result is that of looking up every sample, but few are looked up. Samples are
+        # taken in groups, STRIDE samples round every STRIDE-th, the group's probe: they lie
+        # within half a pixel of the probe along each axis, so in the probe's pixel or a
+        # neighbour. A group whose probe is in an outside pixel is outside, one whose probe is
+        # in an inside pixel is inside; only the samples of border groups are looked up.
+        # Groups are probed only where a line passes the grid (its projection on the line,
+        # and a group more at either end).
+        stride, half = self.STRIDE, self.STRIDE // 2
+        span = stride * self.step
+        ends = self.grid_corners @ direction
+        along = origins @ direction
+        g0 = np.floor((ends.min() - along - t[0]) / span).astype(np.int64) - 1
+        g = np.clip(g0[:, None] + np.arange(int(np.ceil(np.ptp(ends) / span)) + 4), 0, (n - 1 + half) // stride)
+        at = t[0] + span * g
+        cell = [np.clip(at * (direction[k] / self.spacing[k]) + (origins[:, k, None] / self.spacing[k] + 0.5
+                                                                - self.origin[k]), 0, self.grid_shape[k] - 0.5)
+                .astype(np.int64) for k in range(2)]  # rounded half up; beyond the grid, its ring
+        kind = self.kind[cell[0] * self.grid_shape[1] + cell[1]]
+        first = np.where(kind == 2, stride * g - half, n).min(axis=1)
+        last = np.where(kind == 2, stride * g + half - 1, -1).max(axis=1)
+        line, col = np.nonzero(kind == 1)
+        if len(line):
+            # a border group's samples lie in the grid short of its ring
+            j = np.clip((stride * g[line, col] - half)[:, None] + np.arange(stride), 0, n - 1)
+            r, c = self._pixels(origins[line], direction, t[j])
+            hit = self.mask[(r - self.origin[0]) * self.grid_shape[1] + (c - self.origin[1])]
+            np.minimum.at(first, line, np.where(hit, j, n).min(axis=1))
+            np.maximum.at(last, line, np.where(hit, j, -1).max(axis=1))
+        first, last = np.maximum(first, 0), np.minimum(last, n - 1)
+        ok = (last >= first) & (first > 0) & (last < n - 1)
+        if self.at_edge and ok.any():
+            # the samples just before and after the run must lie in the image
+            i = np.nonzero(ok)[0]
+            r, c = self._pixels(origins[i], direction, t[np.stack([first[i] - 1, last[i] + 1], axis=1)])
+            ok[i] = np.all((r >= 0) & (r < self.image_shape[0]) & (c >= 0) & (c < self.image_shape[1]), axis=1)
+        lo = np.where(ok, t[np.minimum(first, n - 1)] - self.step / 2, np.nan)
+        hi = np.where(ok, t[np.maximum(last, 0)] + self.step / 2, np.nan)
         return lo, hi
 
     def extent(self, origin: np.ndarray, direction: np.ndarray, forward_only: bool = False) -> tuple[float, float] | None:
@@ -628,11 +686,14 @@ def measure_sagittal(labels: np.ndarray, spacing_mm: Sequence[float]) -> Sagitta
         L5-S1 disc; the measurement's ``basis`` says which.
     """
     labels, spacing = _validate(labels, spacing_mm)
-    present = set(np.unique(labels).tolist())
+    # each label is looked at within its bounding box only
+    boxes = ndimage.find_objects(labels, max_label=max(LABEL_NAMES))
     shapes: dict[str, _Shape] = {}
     for value, name in LABEL_NAMES.items():
-        if value in present:
-            shapes[name] = _Shape(_largest_component(labels == value), spacing)
+        box = boxes[value - 1]
+        if box is not None:
+            mask = _largest_component(labels[box] == value)
+            shapes[name] = _Shape(mask, (box[0].start, box[1].start), labels.shape, spacing)
     chain = [n for v, d in zip(VERTEBRAE, DISCS + ("",)) for n in (v, d) if n in shapes]
 
     def guess(name: str) -> np.ndarray:

@@ -367,3 +367,34 @@ def test_rows_for_csv() -> None:
     assert {r["unit"] for r in rows} == {"mm", "%", "deg", "1", ""}
     levels = [r["level"] for r in rows if r["unit"] == "mm"]
     assert levels.index("L1") < levels.index("L1-L2") < levels.index("L2")  # cranial to caudal
+
+
+def test_runs_match_every_sample_looked_up() -> None:
+    # runs looks up few samples; it must give what looking up every one along the line gives
+    spacing = np.array([0.5, 0.8])
+    labels = spine(tuple(spacing), canal_mm=12.0, rotate_deg=20.0)
+    labels = labels[: labels.shape[0] // 2]  # some structures cut by the edge
+    rng = np.random.default_rng(0)
+    for value in np.unique(labels)[1:]:
+        shape = ms._Shape(labels == value, (0, 0), labels.shape, spacing)
+        for _ in range(5):
+            direction = rng.normal(size=2)
+            direction /= np.linalg.norm(direction)
+            origins = shape.centre + rng.uniform(-15, 15, size=(40, 2))
+            for forward_only in (False, True):
+                lo, hi = shape.runs(origins, direction, forward_only)
+                reach = shape.reach(origins)
+                t = np.arange(0.0 if forward_only else -reach, reach + shape.step / 2, shape.step)
+                r = np.rint((origins[:, None, 0] + t * direction[0]) / spacing[0]).astype(int)
+                c = np.rint((origins[:, None, 1] + t * direction[1]) / spacing[1]).astype(int)
+                inb = (r >= 0) & (r < labels.shape[0]) & (c >= 0) & (c < labels.shape[1])
+                inside = np.zeros(inb.shape, bool)
+                inside[inb] = labels[r[inb], c[inb]] == value
+                for i in range(len(origins)):
+                    hits = np.flatnonzero(inside[i])
+                    whole = (len(hits) and 0 < hits[0] and hits[-1] < len(t) - 1
+                             and inb[i, hits[0] - 1] and inb[i, hits[-1] + 1])
+                    if whole:
+                        assert (lo[i], hi[i]) == (t[hits[0]] - shape.step / 2, t[hits[-1]] + shape.step / 2)
+                    else:
+                        assert np.isnan(lo[i]) and np.isnan(hi[i])
