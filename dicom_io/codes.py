@@ -145,6 +145,32 @@ _TABLE: dict[str, CodeEntry] = {
     **{f"pfirrmann_{g}": _e(f"PFIRRMANN-{g}", LOCAL_SCHEME, f"Pfirrmann grade {g}", "local") for g in range(1, 6)},
     "present": _e("52101004", "SCT", "Present", "SNOMED CT 52101004 |Present (qualifier value)|"),
     "absent": _e("2667000", "SCT", "Absent", "SNOMED CT 2667000 |Absent (qualifier value)|"),
+    # --- Spine measurements (segmentation) ------------------------------------------
+    # Names of the numeric measurements and of the grades derived from them. No standard
+    # concept names "anterior vertebral body height" and the like exactly: local codes,
+    # declared; their definitions are in models.measurements (and the conformance notes).
+    **{f"measure:{name}": _e(f"SPINE-{name.upper().replace(' ', '-')}", LOCAL_SCHEME, name[:1].upper() + name[1:],
+                             "local")
+       for name in ("anterior body height", "middle body height", "posterior body height", "wedge ratio",
+                    "biconcavity ratio", "body height loss", "disc height anterior", "disc height middle",
+                    "disc height posterior", "slip", "slip percent", "canal AP diameter", "lordosis L1-S1")},
+    "category:Genant grade": _e("GENANT-GRADE", LOCAL_SCHEME, "Genant semiquantitative fracture grade", "local"),
+    **{f"category:Genant grade:{g}": _e(f"GENANT-{g}", LOCAL_SCHEME, f"Genant grade {g}", "local")
+       for g in ("0", "1", "2", "3")},
+    "category:Meyerding grade": _e("MEYERDING-GRADE", LOCAL_SCHEME, "Meyerding grade of vertebral slip", "local"),
+    **{f"category:Meyerding grade:{g}": _e(f"MEYERDING-{g}", LOCAL_SCHEME, f"Meyerding grade {g}", "local")
+       for g in ("0", "I", "II", "III", "IV", "V")},
+    "category:central canal stenosis": _e("CENTRAL-CANAL-AP-CATEGORY", LOCAL_SCHEME,
+                                          "Central canal stenosis by AP diameter", "local"),
+    "category:central canal stenosis:relative": _e("RELATIVE-STENOSIS", LOCAL_SCHEME,
+                                                   "Relative stenosis (AP diameter 10-13 mm)", "local"),
+    "category:central canal stenosis:absolute": _e("ABSOLUTE-STENOSIS", LOCAL_SCHEME,
+                                                   "Absolute stenosis (AP diameter < 10 mm)", "local"),
+    "spine_measurements": _e("SPINE-MEASUREMENTS", LOCAL_SCHEME, "Spine measurements", "local"),
+    "draft_report": _e("AI-DRAFT-REPORT", LOCAL_SCHEME, "AI-generated draft report (unreviewed)", "local"),
+    "unit_mm": _e("mm", "UCUM", "millimeter", "PS3.16 CID 7181 (UCUM)"),
+    "unit_percent": _e("%", "UCUM", "percent", "PS3.16 CID 7181 (UCUM)"),
+    "unit_deg": _e("deg", "UCUM", "degree", "PS3.16 CID 7181 (UCUM)"),
     # --- Measurement -------------------------------------------------------------
     # A bare "Probability" reads as "chance of disease"; these name what the number is.
     "probability": _e("CALIBRATED-PROBABILITY", LOCAL_SCHEME, "Calibrated probability of the reported grade",
@@ -214,6 +240,43 @@ def level_code(level: str) -> Code:
     if level not in LEVELS and level != LUMBAR_SPINE:
         raise ValueError(f"level: unknown level {level!r}; known: {', '.join(LEVELS)}")
     return _TABLE[level].code
+
+
+def measurement_code(name: str) -> Code:
+    """Concept name of a spine measurement (``"anterior body height"``).
+
+    Raises
+    ------
+    ValueError
+        If there is no code for ``name``.
+    """
+    return code(f"measure:{name}")
+
+
+def unit_code(unit: str) -> Code:
+    """UCUM code of a measurement unit (``mm``, ``%``, ``deg``, ``1``).
+
+    Raises
+    ------
+    ValueError
+        If the unit has no entry.
+    """
+    key = {"mm": "unit_mm", "%": "unit_percent", "deg": "unit_deg", "1": "unit_ratio"}.get(unit)
+    if key is None:
+        raise ValueError(f"unit: no UCUM entry for {unit!r}")
+    return code(key)
+
+
+def category_codes(name: str, value: str) -> tuple[Code, Code]:
+    """Concept name and value codes of a derived category (``"Meyerding grade"``, ``"II"``).
+
+    Raises
+    ------
+    ValueError
+        If the category or its value has no code.
+    """
+    key = f"category:{name}:{value}"
+    return code(f"category:{name}"), code(key if key in _TABLE else value)  # "normal": the shared code
 
 
 def laterality_code(laterality: LateralityValues | str) -> Code:

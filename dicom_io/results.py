@@ -176,6 +176,82 @@ class Finding:
         return GRADES[self.condition].index(self.grade)
 
 
+#: Level of a measurement spanning the lumbar spine (lordosis).
+LORDOSIS_LEVEL = "L1-S1"
+
+
+def _check_measurement_level(level: str) -> None:
+    if level != LORDOSIS_LEVEL and level not in LEVELS and level not in ("T9", "T9-T10"):
+        raise ValueError(f"level: unknown level {level!r}")
+
+
+@dataclass
+class SpineMeasurement:
+    """One number measured at one level on one source image (a height, a slip, a diameter, an angle).
+
+    ``unit`` is a UCUM code (``mm``, ``%``, ``deg``, ``1``); ``points`` are ``(row, column)``
+    pixels of the source image ``image`` refers to, in pairs, each pair a segment the value was
+    measured along (empty for ratios derived from other measurements).
+    """
+
+    level: str
+    name: str
+    value: float
+    unit: str
+    image: ImageRef
+    points: tuple[tuple[float, float], ...] = ()
+    basis: str = ""
+    model: str = ""
+    model_version: str = ""
+    #: Outline ``(row, column)`` of the structure measured (closed: the first point repeated last),
+    #: or the measured segments where there is no single structure (lordosis).
+    region: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_measurement_level(self.level)
+        self.region = tuple((float(r), float(c)) for r, c in self.region)
+        if not self.name or not self.unit:
+            raise ValueError("name, unit: required")
+        if not np.isfinite(float(self.value)):
+            raise ValueError(f"value: must be finite, got {self.value!r}")
+        self.value = float(self.value)
+        self.points = tuple((float(r), float(c)) for r, c in self.points)
+        if len(self.points) % 2:
+            raise ValueError("points: segments of two (row, column) points expected")
+
+
+@dataclass
+class MeasurementCategory:
+    """A grade derived from measurements by a published rule (Genant, Meyerding, canal stenosis)."""
+
+    level: str
+    name: str
+    value: str
+    basis: str
+    image: ImageRef
+    model: str = ""
+    model_version: str = ""
+
+    def __post_init__(self) -> None:
+        _check_measurement_level(self.level)
+        if not self.name or not self.value:
+            raise ValueError("name, value: required")
+
+
+@dataclass
+class SegmentationMasks:
+    """Label masks of some source images: SOP Instance UID -> ``[rows, columns]`` integer mask.
+
+    ``labels`` names each label value (``"L4"``, ``"L4-L5"``, ``"canal"``); value 0 is background.
+    """
+
+    series_instance_uid: str
+    masks: dict[str, np.ndarray]
+    labels: dict[int, str]
+    model: str = ""
+    model_version: str = ""
+
+
 @dataclass
 class SeriesUse:
     """A series of the study and the role the selection rules gave it, with the reason."""
@@ -206,6 +282,12 @@ class StudyResult:
     not_run: dict[str, str] = field(default_factory=dict)  # analysis -> why it was not run
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    measurements: list[SpineMeasurement] = field(default_factory=list)
+    categories: list[MeasurementCategory] = field(default_factory=list)
+    #: Draft report text (AI-generated, for the radiologist to accept or edit); empty when none.
+    draft_report: str = ""
+    #: Masks for a DICOM Segmentation object (not in the JSON; they travel as the SEG).
+    segmentation: SegmentationMasks | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.status = StatusValues(self.status)
@@ -227,6 +309,7 @@ class StudyResult:
             raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
         data = asdict(self)
+        data.pop("segmentation", None)
         for f in data["findings"]:
             f.pop("heatmap", None)
         return json.dumps(data, default=default, indent=2, sort_keys=True)
@@ -248,4 +331,10 @@ class StudyResult:
             Finding(**{**f, "image": ImageRef(**f["image"])}) for f in d["findings"]
         ]
         d["models"] = [ModelInfo(**m) for m in d["models"]]
+        d["measurements"] = [SpineMeasurement(**{**m, "image": ImageRef(**m["image"]),
+                                                 "points": [tuple(p) for p in m["points"]],
+                                                 "region": [tuple(p) for p in m.get("region", [])]})
+                             for m in d.get("measurements", [])]
+        d["categories"] = [MeasurementCategory(**{**c, "image": ImageRef(**c["image"])})
+                           for c in d.get("categories", [])]
         return cls(**d)

@@ -86,6 +86,8 @@ KEY_IMAGE_CONDITIONS = frozenset({
 _BADGE: dict[str, str] = {grade: letter for _, keys in GRADE_KEYS for grade, letter, _ in keys}
 _LEGEND_BG = (24, 24, 24)
 _TEXT = (255, 255, 255)
+#: Colour of the measured lines on the key image (and of their legend line).
+MEASUREMENT_COLOUR = (120, 255, 120)
 
 _REQUIRED_PIXEL_ATTRIBUTES = ("Rows", "Columns", "PixelData", "PhotometricInterpretation")
 
@@ -403,6 +405,12 @@ def _key_legend_lines(result: StudyResult, font: Any, width: int) -> list[tuple[
     if result.not_run:
         withheld = ", ".join(sorted(result.not_run))
         lines += [("warning", t) for t in _wrap(f"Not reported (reasons in the SR): {withheld}", font, width)]
+    if result.measurements:
+        lines.append(("measure", "Green lines: measured heights, slip and canal diameter (values in the SR)"))
+        abnormal = [f"{c.level} {c.name} {c.value}" for c in result.categories
+                    if c.value not in ("0", "normal")]
+        if abnormal:
+            lines += [("warning", t) for t in _wrap("Measured: " + "; ".join(abnormal), font, width)]
     models = ", ".join(f"{m.name} {m.version}" for m in sorted(result.models, key=lambda m: m.name))
     if models:
         lines += [("models", t) for t in _wrap(f"Models: {models}", font, width)]
@@ -455,6 +463,13 @@ def encode_key_image(
     line_h = legend_font.size + 8
     canvas, draw, height = _with_legend(np.repeat(big[..., None], 3, axis=2), 8 + line_h * len(lines))
     worst = worst_grades(result)
+    here = str(mid_sagittal.SOPInstanceUID)
+    for m in result.measurements:  # the lines each number was measured along
+        if m.image.sop_instance_uid != here:
+            continue
+        for (r0, c0), (r1, c1) in zip(m.points[::2], m.points[1::2]):
+            draw.line((((c0 + 0.5) * factor, (r0 + 0.5) * factor), ((c1 + 0.5) * factor, (r1 + 0.5) * factor)),
+                      fill=MEASUREMENT_COLOUR, width=max(1, factor))
     for lv in sorted(levels, key=lambda lv: LEVELS.index(lv.level)):
         y, x = (lv.image.row + 0.5) * factor, (lv.image.column + 0.5) * factor
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(0, 255, 255))
@@ -487,6 +502,8 @@ def encode_key_image(
                 x += 2 * rad + 14 + int(draw.textlength(text, font=legend_font))
         elif kind == "warning":
             draw.text((8, y), str(content), font=legend_font, fill=(255, 180, 0))
+        elif kind == "measure":
+            draw.text((8, y), str(content), font=legend_font, fill=MEASUREMENT_COLOUR)
         else:
             draw.text((8, y), str(content), font=legend_font, fill=(200, 200, 200))
         y += line_h
@@ -501,7 +518,11 @@ def encode_key_image(
 
 
 def _mid_sagittal_uid(result: StudyResult, sources: Mapping[str, Dataset]) -> str | None:
-    """The image most levels were located on (the localizer reads them on the mid slice)."""
+    """The image the spine was measured on, else the one most levels were located on (the mid slice)."""
+    measured = [m.image.sop_instance_uid for m in result.measurements if m.image.sop_instance_uid in sources]
+    if measured and any(lv.image.series_instance_uid == sources[measured[0]].SeriesInstanceUID
+                        for lv in result.levels):
+        return measured[0]
     counts = Counter(lv.image.sop_instance_uid for lv in result.levels
                      if lv.image.sop_instance_uid in sources)
     if not counts:
@@ -523,10 +544,43 @@ def _plan(result: StudyResult, sources: Mapping[str, Dataset],
     return findings, _mid_sagittal_uid(result, sources)
 
 
+def _segmentation_sources(result: StudyResult, sources: Mapping[str, Dataset]) -> list[Dataset] | None:
+    """The images of the segmented series when the result has masks for a SEG (else None)."""
+    seg = result.segmentation
+    if result.status is StatusValues.NOT_PERFORMED or seg is None or not seg.masks:
+        return None
+    if not all(uid in sources for uid in seg.masks):
+        return None
+    return [ds for _, ds in sorted(sources.items()) if str(ds.SeriesInstanceUID) == seg.series_instance_uid]
+
+
+def encode_segmentation(result: StudyResult, series: Sequence[Dataset], *, manufacturer: str = "Discus",
+                        institution: str | None = None) -> Dataset:
+    """The DICOM Segmentation of the result's masks (vertebral bodies, discs, canal), in its own series.
+
+    Raises
+    ------
+    EncodingError
+        If the result has no masks or the segmentation model is not among its models.
+    """
+    from dicom_io.seg import build_segmentation
+
+    seg = result.segmentation
+    if seg is None:
+        raise EncodingError("segmentation: the result has no masks")
+    model = next((m for m in result.models if m.name == seg.model and m.version == seg.model_version), None)
+    if model is None:
+        raise EncodingError(f"segmentation.model: {seg.model} {seg.model_version} is not among the result's models")
+    series_uid, sop_uid = output_uids(result.study_instance_uid, result.revision, model_versions(result), "seg")
+    return build_segmentation(series, seg.masks, seg.labels, model=model, series_instance_uid=series_uid,
+                              sop_instance_uid=sop_uid, series_number=SERIES_NUMBERS["seg"],
+                              instance_number=result.revision, manufacturer=manufacturer, institution=institution)
+
+
 def count_outputs(result: StudyResult, sources: Mapping[str, Dataset], *, min_severity: int = 0) -> int:
     """How many objects :func:`iter_outputs` (and :func:`encode_all`) make for these arguments."""
     findings, mid = _plan(result, sources, min_severity)
-    return 1 + len(findings) + (mid is not None)
+    return 1 + len(findings) + (mid is not None) + (_segmentation_sources(result, sources) is not None)
 
 
 def iter_outputs(
@@ -549,6 +603,9 @@ def iter_outputs(
         yield encode_not_performed_sr(result, ordered, predecessor=predecessor, **kwargs)
         return
     yield encode_sr(result, ordered, predecessor=predecessor, **kwargs)
+    seg_sources = _segmentation_sources(result, sources)
+    if seg_sources is not None:
+        yield encode_segmentation(result, seg_sources, **kwargs)
     for i, f in enumerate(findings):
         yield encode_heatmap_sc(f, sources[f.image.sop_instance_uid], result, i, **kwargs)
     if mid is not None:

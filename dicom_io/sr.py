@@ -333,6 +333,81 @@ def _group(
     )
 
 
+def _outline_region(points: Sequence[tuple[float, float]], ref: Any, source: Dataset) -> hd.sr.ImageRegion:
+    """POLYLINE image region through ``(row, column)`` source pixels (SCOORD: pixel centres at +0.5)."""
+    data = np.array([[c + 0.5, r + 0.5] for r, c in points], dtype=float)
+    rows, cols = int(source.get("Rows", 0)), int(source.get("Columns", 0))
+    if rows and cols:
+        data[:, 0] = np.clip(data[:, 0], 0.0, cols)
+        data[:, 1] = np.clip(data[:, 1], 0.0, rows)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE if len(data) > 1 else hd.sr.GraphicTypeValues.POINT,
+        graphic_data=data,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=ref.sop_class_uid,
+            referenced_sop_instance_uid=ref.sop_instance_uid,
+            referenced_frame_numbers=[ref.frame] if frames > 1 else None,
+        ),
+    )
+
+
+def _measurement_groups(
+    result: StudyResult, by_uid: dict[str, Dataset], sop_uid: str,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per measured structure: its outline on the image, its numbers (UCUM) and grades.
+
+    The numbers of a level (a body's heights, a disc's heights, canal diameter and slip) share the
+    structure's outline as their region; lordosis has the two endplate lines as its region.
+    """
+    if not result.measurements:
+        return []
+    by_level: dict[str, list[Any]] = {}
+    for m in result.measurements:
+        by_level.setdefault(m.level, []).append(m)
+    cats: dict[str, list[Any]] = {}
+    for c in result.categories:
+        cats.setdefault(c.level, []).append(c)
+    first = result.measurements[0]
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=first.model, version=first.model_version,
+        parameters=[f"sha256={m.sha256}" for m in result.models if m.name == first.model][:1] or None,
+    )
+    order = {lv: i for i, lv in enumerate(LEVELS)}
+    groups = []
+    for level in sorted(by_level, key=lambda lv: order.get(lv, len(order))):
+        ms = by_level[level]
+        ref = ms[0].image
+        if ref.sop_instance_uid not in by_uid:
+            raise EncodingError(f"measurements[{level}].image: not among the sources")
+        region_pts = next((m.region for m in ms if len(m.region) > 1), ()) or ((ref.row, ref.column),)
+        site = codes.level_code(level) if level in LEVELS else codes.level_code(LUMBAR_SPINE)
+        label = f"{level} measurements"
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=deterministic_uid("discus-tracking", sop_uid, label, ref.sop_instance_uid), identifier=label),
+            referenced_region=_outline_region(region_pts, ref, by_uid[ref.sop_instance_uid]),
+            finding_type=codes.code("spine_measurements"),
+            algorithm_id=algorithm,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=site)],
+            measurements=[
+                hd.sr.Measurement(name=codes.measurement_code(m.name), value=round(m.value, 3),
+                                  unit=codes.unit_code(m.unit), algorithm_id=algorithm)
+                for m in ms
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(*codes.category_codes(c.name, c.value)) for c in cats.get(level, [])
+            ] or None,
+        ))
+    return groups
+
+
+def _draft_report(text: str) -> hd.sr.TextContentItem:
+    """The AI-generated draft report text, as one TEXT item beside the groups."""
+    return hd.sr.TextContentItem(name=codes.code("draft_report"), value=text[:10240],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
 def _check_findings(result: StudyResult) -> None:
     for j, f in enumerate(result.findings):
         if f.level != LUMBAR_SPINE and f.level not in LEVELS:
@@ -557,9 +632,12 @@ def encode_sr(
         _group(result, f, by_uid[f.image.sop_instance_uid], sop_uid, algorithms[(f.model, f.model_version)])
         for f in sorted(result.findings, key=finding_sort_key)
     ]
+    groups += _measurement_groups(result, by_uid, sop_uid)
     summary = _summary("succeeded_with_findings" if groups else "succeeded_without_findings",
                        notes=summary_notes(result))
     report = _report(result, manufacturer, result.modality, groups, summary)
+    if result.draft_report:
+        report[0].ContentSequence.append(_draft_report(result.draft_report))
     return _document(
         result, evidence, report, predecessor=predecessor, manufacturer=manufacturer,
         institution=institution,
@@ -631,12 +709,11 @@ def read_sr(ds: Dataset) -> list[dict[str, Any]]:
     ValueError
         If a group carries a code that is not in :mod:`dicom_io.codes`.
     """
-    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
-    report = sr.content
-    if not isinstance(report, hd.sr.MeasurementReport):
-        report = hd.sr.MeasurementReport.from_sequence(sr.ContentSequence and [sr])
+    report = _report_of(ds)
     out: list[dict[str, Any]] = []
     for group in report.get_planar_roi_measurement_groups():
+        if _is_measurement_group(group):
+            continue  # spine measurements: read_measurements
         site = group.finding_sites[0]
         level = codes.decode_level(*_code_key(site.value))
         side = None
@@ -671,6 +748,48 @@ def read_sr(ds: Dataset) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _report_of(ds: Dataset) -> hd.sr.MeasurementReport:
+    """The TID 1500 report of an SR dataset, as highdicom objects."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    report = sr.content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        report = hd.sr.MeasurementReport.from_sequence(sr.ContentSequence and [sr])
+    return report
+
+
+def _is_measurement_group(group: Any) -> bool:
+    return _code_key(group.finding_type) == _code_key(codes.code("spine_measurements"))
+
+
+def read_measurements(ds: Dataset) -> list[dict[str, Any]]:
+    """Read the spine measurements back from an SR written by :func:`encode_sr`.
+
+    Returns one dict per measurement (``level``, ``name`` as the code meaning, ``value``,
+    ``unit``) and per derived grade (``level``, ``name``, ``value`` as the code meaning, ``unit`` "").
+    """
+    report = _report_of(ds)
+    out: list[dict[str, Any]] = []
+    for group in report.get_planar_roi_measurement_groups():
+        if not _is_measurement_group(group):
+            continue
+        level = str(group.tracking_identifier).rsplit(" measurements", 1)[0]
+        for m in group.get_measurements():
+            out.append({"level": level, "name": m.name.meaning, "value": float(m.value),
+                        "unit": m.unit.value})
+        for q in group.get_qualitative_evaluations():
+            out.append({"level": level, "name": q.name.meaning, "value": q.value.meaning, "unit": ""})
+    return out
+
+
+def read_draft_report(ds: Dataset) -> str:
+    """The AI-generated draft report text of an SR written by :func:`encode_sr` ("" when it has none)."""
+    key = _code_key(codes.code("draft_report"))
+    for item in ds.ContentSequence:
+        if item.ValueType == "TEXT" and _key_of(item) == key:
+            return str(item.TextValue)
+    return ""
 
 
 def _evaluation_of(group: Any) -> tuple[ConditionValues, str]:

@@ -14,10 +14,10 @@ import re
 from typing import Sequence
 
 #: Object kinds and the series each one goes into; a kind's series holds only it.
-KINDS: tuple[str, ...] = ("sr", "key_image", "heatmap")
+KINDS: tuple[str, ...] = ("sr", "key_image", "heatmap", "seg")
 
 #: Series Number used for each kind, high so it sorts after the acquired series.
-SERIES_NUMBERS: dict[str, int] = {"sr": 9901, "key_image": 9902, "heatmap": 9903}
+SERIES_NUMBERS: dict[str, int] = {"sr": 9901, "key_image": 9902, "heatmap": 9903, "seg": 9904}
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 

@@ -309,13 +309,20 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class LevelNet(nn.Module):
     """Small U-Net: ``[N, in_chans, H, W]`` -> heatmaps ``[N, len(CHANNELS), H, W]`` in [0, 1].
 
+    With ``output="logits"`` it returns raw scores instead (the spine segmenter's classes,
+    :mod:`models.segmentation`).
+
     Inputs are padded internally to a multiple of ``2 ** (len(widths) - 1)``. The deep end
     sees about 200 mm, enough to tell the sacrum from a lumbar body.
     """
 
     def __init__(self, in_chans: int = 3, widths: Sequence[int] = (8, 16, 24, 32, 48, 64),
-                 out_chans: int = len(CHANNELS)) -> None:
+                 out_chans: int = len(CHANNELS), output: str = "sigmoid") -> None:
         super().__init__()
+        if output not in ("sigmoid", "logits"):
+            raise ValueError(f"output: 'sigmoid' (heatmaps) or 'logits' (segmentation), got {output!r}")
+        #: ``sigmoid``: independent heatmaps in [0, 1]; ``logits``: raw class scores (softmax by the caller).
+        self.output = output
         if in_chans < 1:
             raise ValueError(f"in_chans: must be >= 1, got {in_chans}")
         if len(widths) < 2:
@@ -365,7 +372,8 @@ class LevelNet(nn.Module):
         x = skips.pop()
         for up, fuse in zip(self.up, self.fuse):
             x = fuse(torch.cat([up(x), skips.pop()], dim=1))
-        return torch.sigmoid(self.head(x))[..., :h, :w]
+        y = self.head(x)[..., :h, :w]
+        return torch.sigmoid(y) if self.output == "sigmoid" else y
 
 
 # --------------------------------------------------------------------------- labelling

@@ -180,6 +180,13 @@ train_app.command("discs", help="Train the disc grader on SPIDER-format data (se
     _discs_cli.train)
 evaluate_app.command("discs", help="Localize and grade the discs of a SPIDER-format folder.")(_discs_cli.evaluate)
 
+from training import segmentation_cli as _segmentation_cli  # noqa: E402
+
+train_app.command("segmentation", help="Train the sagittal spine segmenter on real masks (see training.segmentation).")(
+    _segmentation_cli.train)
+evaluate_app.command("segmentation", help="Segment and measure a labelled folder; Dice and measurement agreement.")(
+    _segmentation_cli.evaluate)
+
 
 def main(args: list[str] | None = None) -> None:
     """``python -m training.cli train|evaluate ...`` without the project's CLI."""

@@ -366,7 +366,7 @@ def within_domain_filter(
     out = dist > domain.threshold
     for j, d, o in zip(jobs, dist, out):
         if o:
-            side = f" {j.side.value}" if getattr(j, "side", None) is not None else ""
+            side = f" {getattr(j.side, 'value', j.side)}" if getattr(j, "side", None) is not None else ""
             run.warn(
                 f"{j.level}{side} {condition.value}: finding withheld: the image is unlike those the model "
                 f"was validated on (feature distance {d:.1f} > threshold {domain.threshold:.1f})"

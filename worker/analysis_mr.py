@@ -27,6 +27,7 @@ from worker.analysis import (
     no_levels_reason,
     resize,
 )
+from worker.analysis_spine import measure_spine
 
 #: Task of the sagittal disc grader and the condition of each of its binary heads.
 DISC_GRADING = "mr_disc_grading"
@@ -94,6 +95,7 @@ def analyze_mr(
     if loc_vol is None:  # callers route studies without a sagittal series elsewhere
         raise ValueError("sag_t2/sag_t1: an MR analysis needs a sagittal series")
     points = localize(run, loc_vol.array, loc_vol.affine, f"the {loc_label} series", loc_vol)
+    measure_spine(run, loc_vol, points)
     discs = graded_discs(run, points)
     if not discs:
         for task, *_ in MR_TASKS:

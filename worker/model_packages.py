@@ -28,6 +28,8 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "packages"
 LOCALIZER_TASK = "levels"
 #: Task of the multi-head disc grader (sagittal MR; not a plain classifier).
 DISC_GRADING_TASK = "mr_disc_grading"
+#: Task of the sagittal spine segmenter (bodies, discs, canal; the measurements).
+SEGMENTATION_TASK = "spine_segmentation"
 #: Tasks of the classifier packages the pipeline uses.
 CLASSIFIER_TASKS: tuple[str, ...] = (
     "mr_disc",
@@ -40,7 +42,7 @@ CLASSIFIER_TASKS: tuple[str, ...] = (
     "xray",
     "xray_spondylolisthesis",
 )
-TASKS: tuple[str, ...] = (LOCALIZER_TASK, *CLASSIFIER_TASKS)
+TASKS: tuple[str, ...] = (LOCALIZER_TASK, SEGMENTATION_TASK, *CLASSIFIER_TASKS)
 
 
 def _package_task(folder: Path) -> str | None:
@@ -138,6 +140,10 @@ class ModelPackages:
                 from models.localizer import LevelLocalizer
 
                 obj = LevelLocalizer.from_package(folder)
+            elif task == SEGMENTATION_TASK:
+                from models.segmentation import SpineSegmenter
+
+                obj = SpineSegmenter.from_package(folder)
             elif task == DISC_GRADING_TASK:
                 from models.disc_grading import DiscGrader
 
