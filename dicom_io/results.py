@@ -206,6 +206,8 @@ class SpineMeasurement:
     #: Outline ``(row, column)`` of the structure measured (closed: the first point repeated last),
     #: or the measured segments where there is no single structure (lordosis).
     region: tuple[tuple[float, float], ...] = ()
+    #: The package's cross-validated mean absolute error for this measurement, in ``unit`` (None: unknown).
+    uncertainty: float | None = None
 
     def __post_init__(self) -> None:
         _check_measurement_level(self.level)

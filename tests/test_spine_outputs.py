@@ -132,3 +132,31 @@ def test_measurement_with_bad_level_or_points_is_refused(sources):
         SpineMeasurement(level="L4-L5", name="slip", value=1.0, unit="mm", image=r, points=((1, 2),))
     with pytest.raises(ValueError, match="value"):
         SpineMeasurement(level="L4", name="slip", value=float("nan"), unit="mm", image=r)
+
+
+def test_only_validated_structures_and_measurements_are_reported():
+    from worker.analysis_spine import Validation
+
+    table = {"structures": {"vertebral body": {"dice": 0.93, "target": 0.9, "meets_target": True},
+                            "disc": {"dice": 0.8, "target": 0.88, "meets_target": False}},
+             "measurements": {"canal AP diameter": {"mae": 0.7, "unit": "mm", "icc_a1": 0.93, "meets_target": True},
+                              "slip": {"mae": 1.6, "unit": "mm", "icc_a1": 0.6, "meets_target": False}},
+             "categories": {"central canal stenosis": {"meets_target": True}, "Meyerding grade": {"meets_target": False}}}
+    gate = Validation({"postprocessing": {"validated": table}}, allow_all=False)
+    assert gate.measurement("canal AP diameter") and not gate.measurement("slip")
+    assert not gate.measurement("lordosis L1-S1")  # not in the table: not validated
+    assert gate.category("central canal stenosis") and not gate.category("Meyerding grade")
+    assert gate.mae("canal AP diameter") == 0.7
+    mask = synthetic_mask()
+    kept = gate.seg_mask(mask)
+    assert (kept == VERTEBRA_LABELS["L3"]).any() and not ((kept > 100) & (kept < 200)).any()
+    assert not (kept == 200).any()  # the canal has no Dice entry: not validated
+    why = gate.withheld()
+    assert "slip (MAE 1.6 mm, ICC 0.60)" in why["spine measurements"]
+    assert "disc (Dice 0.80 < 0.88)" in why["spine segmentation"]
+    # a site that allows packages below target gets everything, nothing listed as withheld
+    everything = Validation({"postprocessing": {"validated": table}}, allow_all=True)
+    assert everything.measurement("slip") and np.array_equal(everything.seg_mask(mask), mask)
+    assert everything.withheld() == {}
+    # a package without the table reports nothing
+    assert not Validation({}, allow_all=False).measurement("canal AP diameter")

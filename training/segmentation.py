@@ -47,10 +47,13 @@ PATCH: tuple[int, int] = (128, 128)
 #: Network widths (encoder stages).
 WIDTHS: tuple[int, ...] = (12, 24, 32, 48, 64)
 #: Default optimiser steps and batch size.
-STEPS = 1200
+STEPS = 2500
 BATCH = 6
+#: Weight of the soft Dice term: it keeps the small classes (canal, discs) from being given up
+#: early (at 0.5 and 400 steps, one fold of three never predicted the canal).
+DICE_WEIGHT = 1.0
 #: Share of each batch drawn from the fully labelled set.
-SPIDER_SHARE = 0.6
+SPIDER_SHARE = 0.7
 #: Package version written by :func:`save_package`.
 VERSION = "1.0.0"
 ALL = (1 << len(CLASSES)) - 1
@@ -328,7 +331,8 @@ def train_net(cases: Sequence[SegCase], steps: int = STEPS, batch: int = BATCH, 
             x, b = make_sample(pool[rng.integers(len(pool))], rng)
             xs.append(x)
             bs.append(b)
-        loss = partial_label_loss(net(torch.from_numpy(np.stack(xs))), torch.from_numpy(np.stack(bs)))
+        loss = partial_label_loss(net(torch.from_numpy(np.stack(xs))), torch.from_numpy(np.stack(bs)),
+                                  dice_weight=DICE_WEIGHT)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -412,7 +416,9 @@ def provenance(training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, A
              "kind": "real", "cases": int(data.get("lumbar-mri-levels", 0))},
         ],
         "validation": {"method": "internal cross-validation",
-                       "description": f"{training.get('folds', 0)}-fold case-grouped cross-validation",
+                       "description": (f"{training.get('folds', 0)}-fold case-grouped cross-validation; each structure "
+                                       "and each measurement is reported only where its own target is met "
+                                       "(postprocessing.validated)"),
                        "figures": {k: v for k, v in metrics.items() if k.startswith("dice_")}},
         "domain": {"modality": "MR", "series_roles": ["SAG_T2", "SAG_STIR", "SAG_T1"], "body_part": "lumbar spine"},
     }
@@ -518,11 +524,16 @@ def main(args: list[str] | None = None) -> None:
     ap.add_argument("--cv-steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cv", action="store_true")
+    ap.add_argument("--finalize-only", action="store_true",
+                    help="only score the cross-validation predictions into the existing package and its card")
     a = ap.parse_args(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cases = load_all(a.data_root)
     print(f"{len(cases)} cases, {sum(len(c.slices) for c in cases)} slices", flush=True)
     cv_path = a.out / "cv.json"
+    if a.finalize_only:
+        finalize_package(cases, a.out, a.package)
+        return
     if not a.skip_cv:
         cv = cross_validate(cases, a.out, folds=a.folds, steps=a.cv_steps or a.steps, seed=a.seed,
                             log=lambda m: print(m, flush=True))
@@ -534,11 +545,190 @@ def main(args: list[str] | None = None) -> None:
               "lumbar-mri-levels": sum(c.dataset != "spider-space" for c in cases)}
     training = {"data": counts, "folds": cv.get("folds", 0), "cv_steps": cv.get("steps"), "steps": a.steps,
                 "batch_size": BATCH, "patch": list(PATCH), "seed": a.seed, "module": "models.segmentation",
-                "command": "python -m training.segmentation ../shared/data var/segmentation/cv"}
+                "command": (f"discus train segmentation --folds {a.folds} --cv-steps {a.cv_steps or a.steps} "
+                            f"--steps {a.steps}")}
     metrics = {k: v for k, v in cv.items() if k.startswith("dice_") and k != "dice_per_case"}
     metrics["evaluation"] = f"{cv.get('folds', 0)}-fold case-grouped cross-validation"
     save_package(net, a.package, training, metrics)
+    finalize_package(cases, a.out, a.package)
     print(f"package written to {a.package}", flush=True)
+
+
+#: Targets per structure (Dice) and per measurement unit (mean absolute error, ICC(A,1)), from the
+#: product's requirements: SPINEPS reaches 0.93 Dice for vertebrae on SPIDER.
+DICE_TARGETS = {"vertebral body": 0.90, "disc": 0.88, "spinal canal": 0.85}
+MAE_TARGETS = {"mm": 1.0, "deg": 3.0}
+ICC_TARGET = 0.90
+#: Measurements derived from others: reported when every measurement they rest on is.
+DERIVED_FROM = {
+    "wedge ratio": ("anterior body height", "posterior body height"),
+    "biconcavity ratio": ("middle body height", "posterior body height"),
+    "body height loss": ("anterior body height", "middle body height", "posterior body height"),
+    "slip percent": ("slip",),
+}
+#: Derived grades and the measurements they rest on.
+CATEGORY_BASIS = {
+    "Genant grade": ("anterior body height", "middle body height", "posterior body height"),
+    "Meyerding grade": ("slip",),
+    "central canal stenosis": ("canal AP diameter",),
+}
+
+
+def validation_table(cv: dict[str, Any], agreement: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the package may report: each structure by its Dice, each measurement by its agreement.
+
+    Written into ``postprocessing.validated``; the worker reports a structure (in the SEG) or a
+    measurement (in the SR, key image and draft report) only where ``meets_target`` is true.
+    """
+    structures = {}
+    for name, target in DICE_TARGETS.items():
+        key = f"dice_{name.split()[-1]}"
+        dice = cv.get(key)
+        structures[name] = {"dice": dice, "target": target,
+                            "meets_target": bool(isinstance(dice, (int, float)) and dice >= target)}
+    measurements: dict[str, Any] = {}
+    for name, a in agreement.items():
+        if a["unit"] not in MAE_TARGETS:
+            continue
+        ok = a["n"] >= 10 and a["mae"] <= MAE_TARGETS[a["unit"]] and a["icc_a1"] >= ICC_TARGET
+        measurements[name] = {**a, "target_mae": MAE_TARGETS[a["unit"]], "target_icc": ICC_TARGET,
+                              "meets_target": bool(ok)}
+    for name, base in DERIVED_FROM.items():
+        ok = all(measurements.get(b, {}).get("meets_target") for b in base)
+        measurements[name] = {**agreement.get(name, {}), "derived_from": list(base), "meets_target": bool(ok)}
+    categories = {name: {"derived_from": list(base),
+                         "meets_target": all(measurements.get(b, {}).get("meets_target") for b in base)}
+                  for name, base in CATEGORY_BASIS.items()}
+    return {"structures": structures, "measurements": measurements, "categories": categories}
+
+
+def finalize_package(cases: Sequence[SegCase], cv_dir: str | Path, package: str | Path) -> Path:
+    """Score the cross-validation predictions' measurements, record what is validated, write the card.
+
+    The weights are not touched (their sha256 stays); ``config.json`` gets the agreement figures,
+    ``postprocessing.validated`` and the provenance, the package folder ``cv_measurements.csv``,
+    ``cv_bland_altman.png`` and ``MODEL_CARD.md``.
+    """
+    import csv
+
+    from training.segmentation_eval import plot_bland_altman
+
+    pkg = Path(package)
+    cv = json.loads((Path(cv_dir) / "cv.json").read_text())
+    rows, agreement = cv_measurements(cases, cv_dir)
+    with open(pkg / "cv_measurements.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case", "level", "measurement", "unit", "predicted", "reference"])
+        w.writeheader()
+        w.writerows(rows)
+    plot_bland_altman(rows, pkg / "cv_bland_altman.png")
+    cfg = json.loads((pkg / "config.json").read_text())
+    validated = validation_table(cv, agreement)
+    cfg["postprocessing"]["validated"] = validated
+    cfg["metrics"]["measurements"] = agreement
+    cfg["metrics"]["by_dataset"] = cv.get("by_dataset", {})
+    cfg["provenance"] = provenance(cfg["training"], cfg["metrics"])
+    (pkg / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_model_card(pkg, cfg, cv)
+    return pkg
+
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def write_model_card(package: str | Path, cfg: dict[str, Any], cv: dict[str, Any]) -> Path:
+    """``MODEL_CARD.md`` of a segmentation package from its config and cross-validation."""
+    from models.provenance import Provenance
+
+    pkg = Path(package)
+    val = cfg["postprocessing"]["validated"]
+    tr = cfg["training"]
+    lines = [
+        f"# {cfg['name']} {cfg['version']}: vertebral bodies, discs and spinal canal on sagittal MRI",
+        "",
+        f"**Provenance:** {Provenance.from_dict(cfg['provenance']).one_line()}",
+        "",
+        "## What it does",
+        "Labels vertebral bodies, intervertebral discs and the spinal canal on the midline sagittal image of a",
+        "lumbar MRI series (and its two neighbours), after level localization; bodies and discs are named by the",
+        "located level points. The measurement module (models/measurements.py) turns the labelled midline",
+        "image into disc and body heights, slip, canal AP diameter and L1-S1 lordosis, with Genant, Meyerding",
+        "and canal stenosis grades. The same code measured the predicted and the reference masks below.",
+        "",
+        "## What reaches a radiologist",
+        "Each structure (in the DICOM SEG) and each measurement (in the SR, key image and draft report) is",
+        "reported only where its own cross-validated figure meets the target below; the rest is withheld and",
+        "listed as not reported, unless a site sets `report_below_target_models = true`.",
+        "",
+        "| structure | Dice (CV) | target | reported |",
+        "|---|---|---|---|",
+    ]
+    for name, v in val["structures"].items():
+        lines.append(f"| {name} | {_fmt(v['dice'])} | {v['target']:.2f} | {'yes' if v['meets_target'] else 'no'} |")
+    lines += ["", "| measurement | n | MAE | bias | ICC(A,1) | target | reported |", "|---|---|---|---|---|---|---|"]
+    for name, v in val["measurements"].items():
+        if "derived_from" in v:
+            lines.append(f"| {name} | {v.get('n', '')} | {_fmt(v.get('mae', ''))} {v.get('unit', '')} | "
+                         f"{_fmt(v.get('bias', ''))} | {_fmt(v.get('icc_a1', ''))} | "
+                         f"from {', '.join(v['derived_from'])} | {'yes' if v['meets_target'] else 'no'} |")
+        else:
+            lines.append(f"| {name} | {v['n']} | {v['mae']:.2f} {v['unit']} | {v['bias']:+.2f} | {v['icc_a1']:.3f} | "
+                         f"MAE <= {v['target_mae']:g} {v['unit']}, ICC >= {v['target_icc']:.2f} | "
+                         f"{'yes' if v['meets_target'] else 'no'} |")
+    lines += ["", "| grade | rests on | reported |", "|---|---|---|"]
+    for name, v in val["categories"].items():
+        lines.append(f"| {name} | {', '.join(v['derived_from'])} | {'yes' if v['meets_target'] else 'no'} |")
+    by_ds = cv.get("by_dataset", {})
+    lines += [
+        "",
+        "## Validation",
+        f"- {cv.get('folds')}-fold cross-validation, grouped by patient/volume, each data set spread over the folds;",
+        f"  each fold's network trained {cv.get('steps')} steps; the shipped network, trained on all cases, "
+        f"{tr.get('steps')} steps.",
+        "- Dice per structure is computed where the reference says exactly which class a pixel is (the sacrum is",
+        "  never masked in spider-space; lumbar-mri-levels masks only bodies, T11/T12-L5), mean over cases:",
+    ]
+    for ds, v in by_ds.items():
+        lines.append(f"  - {ds}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
+    lines += [
+        "- Measurements: each held-out case's midline image (largest body area), predicted mask named by the",
+        "  reference level points (so these figures score segmentation and measurement, not level naming: the",
+        "  localizer has its own card), measured alike on prediction and reference. Bland-Altman plots:",
+        "  `cv_bland_altman.png`; every pair: `cv_measurements.csv`.",
+        "- The reference masks are themselves one annotator's; SPIDER's vertebra masks include the posterior",
+        "  elements, which this package leaves out (bodies are the vertebra regions in front of the canal).",
+        "",
+        "## Training data",
+        f"- {tr['data'].get('spider-space', 0)} SPIDER patients (spider-space: T2 SPACE, Siemens 1.5 T/3 T, up to",
+        "  11 central sagittal slices each, vertebra/disc/canal masks; van der Graaf et al., Sci Data 11:264,",
+        "  2024, CC BY 4.0; training patients only).",
+        f"- {tr['data'].get('lumbar-mri-levels', 0)} volumes of lumbar-mri-levels (VB3 MyoSegmenTUM water-fat gradient",
+        "  echo 3 T, VB2 T2 TSE 1.5 T; vertebral bodies by level; 13 central sagittal planes each).",
+        "- Partial labels: every pixel carries the set of classes it may be (lumbar-mri-levels knows only",
+        "  'body' or 'not a body' between its top and lowest labelled body); the loss is the negative log",
+        "  of the probability of that set plus a soft Dice term on exactly labelled pixels.",
+        f"- Patches of {tr['patch'][0]}x{tr['patch'][1]} pixels on a 1 mm upright grid, scale +-15 %, rotation "
+        "+-15 deg, contrast (gamma, inversion, tone curves), bias field, noise, blur.",
+        "",
+        "## Limits",
+        "- No T1 or STIR with masks: on those contrasts the package is untested (the inversion augmentation is",
+        "  not a validation).",
+        "- Healthy volunteers (lumbar-mri-levels) and a modest number of SPIDER patients: severe fractures, high-",
+        "  grade slips and post-operative spines are rare or absent in the training data.",
+        "- 2-D, one image: a scoliotic spine leaves the midline image and its measurements become unreliable.",
+        "- The sacrum is not segmented; L5-S1 slip and lordosis use the L5-S1 disc's lower border as S1's",
+        "  endplate.",
+        "",
+        "## Reproduce",
+        f"`{tr.get('command', 'discus train segmentation')}` (reads `../shared/data/spider-space` and",
+        "`../shared/data/lumbar-mri-levels`); `discus evaluate segmentation DIR --out OUT` scores any folder in",
+        "either format.",
+        "",
+    ]
+    path = pkg / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ def train(
     data_root: Path = typer.Option(_DATA, help="Folder holding spider-space/ and lumbar-mri-levels/."),
     out: Path = typer.Option(Path("var/segmentation/cv"), help="Cross-validation folder (fold packages, predictions)."),
     folds: int = typer.Option(3, min=2, help="Case-grouped folds."),
-    steps: int = typer.Option(800, min=1, help="Optimiser steps of the shipped model."),
-    cv_steps: int = typer.Option(400, min=1, help="Optimiser steps of each fold's model."),
+    steps: int = typer.Option(2500, min=1, help="Optimiser steps of the shipped model."),
+    cv_steps: int = typer.Option(1500, min=1, help="Optimiser steps of each fold's model."),
     skip_cv: bool = typer.Option(False, help="Reuse OUT/cv.json instead of cross-validating again."),
 ) -> None:
     """Cross-validate on both real mask sets, then train on all of them and write the package and its card."""
