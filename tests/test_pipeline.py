@@ -267,9 +267,9 @@ def test_mr_geometry_on_dicom_with_oracle_levels(mr_study: tuple[Path, dict], tm
             "mr_subarticular": Middle("mr_subarticular", sten),
             "mr_disc": Middle("mr_disc", ["normal", "bulging", "herniation"])}
     res = analyze_study(folder, 1, packages=ModelPackages.from_loaded(objs), settings=PHANTOMS)
-    # every analysis provided ran; the sagittal disc grader was not provided here
-    assert res.status is StatusValues.ANALYSED and res.not_run == {"mr_disc_grading": "not provided"}, (
-        res.not_run, res.warnings)
+    # every analysis provided ran; the sagittal disc grader and the segmenter were not provided here
+    assert res.status is StatusValues.ANALYSED and res.not_run == {
+        "mr_disc_grading": "not provided", "spine_segmentation": "not provided"}, (res.not_run, res.warnings)
     assert len(res.findings) == 5 * 6
     study = load_study(folder)
     vols = {}
@@ -344,7 +344,7 @@ def test_mr_with_real_predictors_untrained(mr_study: tuple[Path, dict]) -> None:
         assert abs(sum(f.probabilities.values()) - 1.0) < 1e-4
         assert f.heatmap is not None and f.heatmap.dtype == np.float32
         assert 0.0 <= f.heatmap.min() and f.heatmap.max() <= 1.0
-    assert set(res.not_run) == {"mr_foramen", "mr_subarticular", "mr_disc_grading"}
+    assert set(res.not_run) == {"mr_foramen", "mr_subarticular", "mr_disc_grading", "spine_segmentation"}
     assert res.timings["explain"] > 0 and res.timings["classify"] > 0
 
 

@@ -178,7 +178,8 @@ def test_mr_crops_grades_sides_and_heatmaps_land_on_the_lesion() -> None:
     assert any("low localization confidence" in w and "L5-S1 (0.30)" in w for w in res.warnings)
     assert {m.task for m in res.models} == {"levels", "mr_canal", "mr_foramen", "mr_disc", "mr_subarticular"}
     assert {"localize", "crops", "classify", "explain"} <= set(res.timings)
-    assert res.not_run == {"mr_disc_grading": "not provided"}  # the sagittal grader is not among the fakes
+    # the sagittal grader and the segmenter are not among the fakes
+    assert res.not_run == {"mr_disc_grading": "not provided", "spine_segmentation": "not provided"}
 
 
 def test_mr_missing_packages_and_series_are_reported_not_invented() -> None:
