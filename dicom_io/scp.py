@@ -145,8 +145,9 @@ class ListenerConfig:
         Seconds to wait for association messages, DIMSE messages and any
         network traffic; ``None`` waits forever.
     maximum_pdu_size : int
-        Largest P-DATA PDU the listener accepts, in bytes; 0 means unlimited,
-        the default, which lets senders use fewer, larger PDUs.
+        Largest PDU the listener accepts, in bytes (told to every peer at association);
+        a longer one drops the connection, so one peer cannot take the process's memory.
+        The default, 4 MiB, lets senders put a typical image in one PDU; 0 means unlimited.
 
     Raises
     ------
@@ -163,7 +164,7 @@ class ListenerConfig:
     acse_timeout: float | None = 30.0
     dimse_timeout: float | None = 60.0
     network_timeout: float | None = 60.0
-    maximum_pdu_size: int = 0
+    maximum_pdu_size: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", _check_aet(self.ae_title, "ae_title"))

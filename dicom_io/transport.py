@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import queue
 import select
 import socket
@@ -49,6 +50,8 @@ from pynetdicom.transport import (
     RequestHandler,
     ThreadedAssociationServer,
 )
+
+log = logging.getLogger(__name__)
 
 #: Longest a lean association's threads wait for work before they look at timers and state again.
 WAIT = 0.005
@@ -256,6 +259,15 @@ class LeanAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         if sock is None:  # closed meanwhile: nothing arrives any more
+            return bytearray()
+        limit = int(getattr(self._assoc.acceptor, "maximum_length", 0) or 0)
+        if limit and nr_bytes > limit + 6:
+            # A PDU longer than the listener accepts (its maximum PDU size, told to every
+            # peer): one peer must not take the process's memory. Treated as a closed
+            # connection, which aborts the association.
+            log.warning("a peer sent a PDU of %d bytes, more than the %d accepted; connection dropped",
+                        nr_bytes, limit)
+            self.close()
             return bytearray()
         # Memory follows what arrives, in pieces of at most RECV_STEP, so a PDU length a
         # peer merely claims allocates little.

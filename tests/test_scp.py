@@ -413,3 +413,40 @@ def test_peers_that_stall_mid_pdu_are_dropped_and_slots_come_back(tmp_path: Path
                 s.close()
     finally:
         server.shutdown()
+
+
+def test_a_pdu_longer_than_the_maximum_drops_the_peer_not_the_listener(tmp_path: Path) -> None:
+    """A peer claiming a 64 MiB PDU (more than the 4 MiB accepted) and sending it is cut off at once."""
+    import socket as socket_module
+    import time
+
+    stats = ListenerStats()
+    running = Running(0, Spool(tmp_path / "spool"), stats)
+    config = ListenerConfig(host="127.0.0.1", port=0, allowed_calling_aets=["STORESCU", "DISCUS"])
+    assert config.maximum_pdu_size == 4 * 1024 * 1024
+    server = start_listener(running.spool, config, on_stored=running.on_stored, stats=stats)
+    try:
+        port = server.server_address[1]
+        s = socket_module.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"\x01\x00" + (64 * 1024 * 1024).to_bytes(4, "big"))
+        t0 = time.monotonic()
+        sent = 0
+        try:
+            chunk = bytes(1024 * 1024)
+            while sent < 64 * 1024 * 1024:
+                sent += s.send(chunk)
+        except OSError:
+            pass  # the listener closed the connection: what this test wants
+        s.settimeout(5)
+        try:
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+        s.close()
+        assert time.monotonic() - t0 < 5 and sent < 64 * 1024 * 1024
+        paths = write_stack(tmp_path / "src", 2, description="SAG T2")
+        result = storescu(port, paths)
+        assert result.returncode == 0 and len(running.stored) == 2, result.stderr
+    finally:
+        server.shutdown()
