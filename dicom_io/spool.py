@@ -260,6 +260,26 @@ class Spool:
             raise SpoolError(f"cannot set aside {src.name}: {exc}") from exc
         return dest
 
+    def sweep_orphans(self, older_than_s: float = 60.0) -> int:
+        """Delete temporary files a killed writer left behind; return how many.
+
+        Only files older than ``older_than_s`` go: another listener process sharing the spool
+        may be writing a younger one right now (a write takes milliseconds). Nothing was
+        acknowledged for these files (Success is answered only after the rename).
+        """
+        import time
+
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for tmp in self.root.glob("*/*/.*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+        return removed
+
     def studies(self) -> list[str]:
         """UIDs of the studies in the spool, sorted."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_uid(p.name))

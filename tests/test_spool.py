@@ -151,3 +151,24 @@ def test_constructor_validates(tmp_path: Path) -> None:
         Spool(tmp_path, fsync="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="compare_from"):
         Spool(tmp_path).store(STUDY, SERIES, SOP, b"abc", compare_from=9)
+
+
+def test_orphan_temporary_files_are_swept_young_ones_kept(tmp_path):
+    """What a killed writer left (old .tmp) goes; a write in progress in another process (young .tmp) stays."""
+    import os
+    import time
+
+    from dicom_io.spool import Spool
+
+    spool = Spool(tmp_path)
+    series = tmp_path / "1.2.3" / "1.2.3.4"
+    series.mkdir(parents=True)
+    old = series / ".1.2.3.4.5.dcm.123.456.tmp"
+    young = series / ".1.2.3.4.6.dcm.123.457.tmp"
+    kept = series / "1.2.3.4.7.dcm"
+    for p in (old, young, kept):
+        p.write_bytes(b"x")
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    assert spool.sweep_orphans(older_than_s=60) == 1
+    assert not old.exists() and young.exists() and kept.exists()

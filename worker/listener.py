@@ -208,6 +208,10 @@ def serve(settings: Settings, stop: threading.Event | None = None, *, monitor: b
     index = StudyIndex.from_url(settings.redis_url)
     index.r.ping()  # fail at start, not at the first instance
     spool = Spool(settings.spool)  # create the folder, or fail now
+    if monitor:  # the first process only: what a killed writer left behind was never acknowledged
+        swept = spool.sweep_orphans()
+        if swept:
+            log.info("removed %d unfinished temporary file(s) left in the spool by a killed writer", swept)
     extra = _start_siblings(settings) if monitor and settings.listener_processes > 1 else []
     stats = ListenerStats()
     server = start_server(settings, make_on_stored(index, spool), stats,
