@@ -1174,6 +1174,12 @@ def render_mr(
     aff, shape, thick = mr_geometry(anatomy, plane, n_slices=n_slices, slice_thickness=slice_thickness,
                                     pixel_mm=pixel_mm, fov_mm=fov_mm)
     rng = rng or _series_rng(anatomy, f"mr:{contrast}:{plane}")
+    return _render_mr_grid(anatomy, contrast, plane, aff, shape, thick, rng)
+
+
+def _render_mr_grid(anatomy: Anatomy, contrast: str, plane: str, aff: np.ndarray, shape: tuple[int, int, int],
+                    thick: float, rng: np.random.Generator) -> RenderedSeries:
+    """Render an MR series of ``anatomy`` on a given grid (``plane`` names it)."""
     # Thick sagittal slices average two sub-slices (partial volume at the foramina).
     k = 2 if plane == "sagittal" and thick >= 2.5 else 1
     labels = label_map(anatomy, shape, aff, thick, k)
@@ -1187,7 +1193,7 @@ def render_mr(
     img = _mr_noise(img, rng, 14.0)
     lab_mid = labels if k == 1 else labels[k // 2::k]
     desc = {"sagittal": f"SAG {contrast} TSE" if contrast != "STIR" else "SAG STIR",
-            "axial": f"AX {contrast}" if contrast != "STIR" else "AX STIR"}[plane]
+            "axial": f"AX {contrast}" if contrast != "STIR" else "AX STIR"}.get(plane, f"{plane.upper()} {contrast}")
     extra = dict(_MR_PARAMS[contrast])
     extra.update({"SliceThickness": thick, "MagneticFieldStrength": 1.5})
     return RenderedSeries(array=np.clip(img, 0, 4000).astype(np.float32), affine=aff, modality="MR",
@@ -1318,6 +1324,120 @@ def render_dx(
                           plane="coronal" if view == "AP" else "sagittal", extra=extra)
 
 
+# ----------------------------------------------------------------------------- clinical MR profile
+
+#: Study profiles of :func:`write_demo_study`; ``clinical`` is an MR profile.
+PROFILES: tuple[str, ...] = ("default", "clinical")
+#: Transfer syntax of the clinical profile: JPEG 2000 lossless, the usual lossless one in PACS
+#: archives (pydicom encodes it with pylibjpeg-openjpeg).
+CLINICAL_TRANSFER_SYNTAX = "1.2.840.10008.1.2.4.90"
+#: Lossless transfer syntaxes pydicom encodes (with pylibjpeg-openjpeg, pyjpegls, or itself for RLE).
+LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (CLINICAL_TRANSFER_SYNTAX, "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5")
+#: Rows and columns of every clinical-profile image.
+CLINICAL_MATRIX = 512
+#: Images per plane of the clinical 3-plane localizer; slices per sagittal series; per axial stack.
+CLINICAL_LOCALIZER_PER_PLANE, CLINICAL_SAGITTAL_SLICES, CLINICAL_AXIAL_SLICES = 5, 19, 60
+
+#: A fast gradient-echo localizer (what scanners run first); flagged LOCALIZER in ImageType.
+_LOCALIZER_PARAMS: dict[str, Any] = {
+    "RepetitionTime": 8.6, "EchoTime": 4.0, "ScanningSequence": ["GR"], "SequenceVariant": ["SP"],
+    "ScanOptions": "", "EchoTrainLength": 1, "SequenceName": "*fl2d1", "FlipAngle": 20.0,
+    "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+}
+
+
+def _centred_on(aff: np.ndarray, shape: tuple[int, int, int], point: np.ndarray) -> np.ndarray:
+    """``aff`` moved along its slice normal so that the stack's middle slice passes through ``point``."""
+    centre = aff[:3, :3] @ ((np.array(shape[::-1], float) - 1.0) / 2.0) + aff[:3, 3]
+    normal = aff[:3, 2] / np.linalg.norm(aff[:3, 2])
+    out = aff.copy()
+    out[:3, 3] += normal * float((point - centre) @ normal)
+    return out
+
+
+def _clinical_mr_series(anatomy: Anatomy, matrix: int = CLINICAL_MATRIX) -> list[list[RenderedSeries]]:
+    """The clinical profile's MR series of ``anatomy`` in acquisition order, each as its parts.
+
+    A 3-plane localizer (one series of three parts: sagittal, coronal, axial), sagittal T1, T2
+    and STIR sharing one geometry, an axial T2 stack from L1 to S1, a thin axial T2 stack
+    centred on L4-L5 and an axial T1 with the first stack's geometry; ``matrix`` pixels square.
+    """
+    pts = np.array([anatomy.discs[d].centre for d in LUMBAR_DISCS if d in anatomy.discs])
+    centre = np.array([anatomy.midline_x(), float(pts[:, 1].mean()), float(pts[:, 2].mean())])
+    out: list[list[RenderedSeries]] = []
+
+    n, fov = CLINICAL_LOCALIZER_PER_PLANE, 380.0
+    planes = {"sagittal": ([0.0, 1.0, 0.0], [0.0, 0.0, -1.0], 8.0),
+              "coronal": ([1.0, 0.0, 0.0], [0.0, 0.0, -1.0], 10.0),
+              "axial": ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], 30.0)}
+    parts = []
+    for plane, (row, col, spacing) in planes.items():
+        shape = (n, matrix, matrix)
+        aff = _grid_affine(np.array(row), np.array(col), centre, shape, fov / matrix, spacing)
+        r = _render_mr_grid(anatomy, "T1", plane, aff, shape, 6.0,
+                            _series_rng(anatomy, f"clinical:localizer:{plane}"))
+        r.extra = {**_LOCALIZER_PARAMS, "SliceThickness": 6.0, "MagneticFieldStrength": 1.5}
+        r.description = "3-PLANE LOCALIZER"
+        parts.append(r)
+    out.append(parts)
+
+    aff, shape, _ = mr_geometry(anatomy, "sagittal")
+    sag_fov = shape[1] * float(np.linalg.norm(aff[:3, 0]))
+    sag = {"n_slices": CLINICAL_SAGITTAL_SLICES, "slice_thickness": 3.5, "fov_mm": sag_fov,
+           "pixel_mm": sag_fov / matrix}
+    ax = {"n_slices": CLINICAL_AXIAL_SLICES, "slice_thickness": 3.0, "fov_mm": 200.0, "pixel_mm": 200.0 / matrix}
+    aff_thin, shape_thin, _ = mr_geometry(anatomy, "axial", **{**ax, "slice_thickness": 2.0})
+    aff_thin = _centred_on(aff_thin, shape_thin, anatomy.discs["L4-L5"].centre)
+    for contrast, plane, description in (("T1", "sagittal", "SAG T1 TSE"), ("T2", "sagittal", "SAG T2 TSE"),
+                                         ("STIR", "sagittal", "SAG STIR"), ("T2", "axial", "AX T2 TSE"),
+                                         ("T2", "thin", "AX T2 L3-S1"), ("T1", "axial", "AX T1 TSE")):
+        rng = _series_rng(anatomy, f"clinical:{description}")
+        if plane == "thin":
+            r = _render_mr_grid(anatomy, contrast, "axial", aff_thin, shape_thin, 2.0, rng)
+        else:
+            r = render_mr(anatomy, contrast, plane, rng=rng, **(sag if plane == "sagittal" else ax))
+        r.description = description
+        out.append([r])
+    return out
+
+
+def _check_transfer_syntax(uid: str) -> None:
+    from pydicom.pixels import get_encoder
+
+    if uid not in LOSSLESS_TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer_syntax: {uid!r} is not one of {LOSSLESS_TRANSFER_SYNTAXES}")
+    if not get_encoder(uid).is_available:
+        raise ValueError(f"transfer_syntax: the encoder for {uid!r} has no plugin installed here")
+
+
+def _finish_series(files: list[Path], folder: Path, transfer_syntax: str | None) -> list[Path]:
+    """Rewrite a series' files as ``folder/NNNN.dcm``, one series, compressed when asked.
+
+    Parts written separately (a multi-plane localizer) get the first part's Series Instance
+    UID and consecutive instance numbers; their folders are removed.
+    """
+    from pydicom import dcmread
+
+    series_uid = None
+    out: list[Path] = []
+    for number, src in enumerate(files, start=1):
+        ds = dcmread(src)
+        series_uid = series_uid or ds.SeriesInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.InstanceNumber = number
+        if transfer_syntax:
+            # A lossless re-encoding keeps the instance's identity: the SOP Instance UID stays.
+            ds.compress(transfer_syntax, generate_instance_uid=False)
+        dst = folder / f"{number:04d}.dcm"
+        ds.save_as(dst, enforce_file_format=True)
+        out.append(dst)
+    for src in set(files) - set(out):
+        src.unlink()
+    for part in {src.parent for src in files} - {folder}:
+        part.rmdir()
+    return out
+
+
 # ----------------------------------------------------------------------------- ground truth
 
 
@@ -1353,6 +1473,9 @@ def write_demo_study(
     seed: int = 0,
     findings: dict[str, LevelFindings] | None = None,
     xray: XrayFindings | None = None,
+    *,
+    profile: str = "default",
+    transfer_syntax: str | None = None,
     **kw: Any,
 ) -> Path:
     """Write a synthetic lumbar study as DICOM files with its ground truth beside it.
@@ -1370,6 +1493,16 @@ def write_demo_study(
         Findings per disc; drawn with :func:`random_findings` when None.
     xray : XrayFindings, optional
         The radiographic finding; for DX drawn from the seed when None, otherwise normal.
+    profile : str
+        ``default`` (the series above, uncompressed) or, for MR, ``clinical``: the size of a
+        clinical lumbar MR study, 252 images of 512 x 512 in 7 series (a 3-plane localizer of
+        15, sagittal T1, T2 and STIR of 19, an axial T2 stack of 60 from L1 to S1, a thin axial
+        T2 stack of 60 centred on L4-L5 and an axial T1 of 60), written in
+        :data:`CLINICAL_TRANSFER_SYNTAX`; its UIDs differ from the default study's.
+    transfer_syntax : str, optional
+        Lossless transfer syntax UID to write the pixel data in, one of
+        :data:`LOSSLESS_TRANSFER_SYNTAXES` (JPEG 2000, JPEG-LS, RLE) whose encoder is installed;
+        None: the profile's (uncompressed for ``default``). Instance UIDs do not change with it.
     **kw
         ``top`` and the variation keywords of :func:`make_anatomy`.
 
@@ -1381,11 +1514,19 @@ def write_demo_study(
     Raises
     ------
     ValueError
-        If ``modality`` is unknown.
+        If ``modality`` or ``profile`` is unknown, ``clinical`` is asked for another modality
+        than MR, or ``transfer_syntax`` cannot be encoded here.
     """
     from dicom_io.writer import StudyInfo, write_series
 
     _check_kind("modality", modality, ("MR", "CT", "DX"))
+    _check_kind("profile", profile, PROFILES)
+    if profile == "clinical" and modality != "MR":
+        raise ValueError(f"profile: 'clinical' is an MR profile, got modality {modality!r}")
+    if profile == "clinical" and transfer_syntax is None:
+        transfer_syntax = CLINICAL_TRANSFER_SYNTAX
+    if transfer_syntax is not None:
+        _check_transfer_syntax(transfer_syntax)
     rng = np.random.default_rng([int(seed), 0xF1D])
     if findings is None:
         findings = random_findings(rng)
@@ -1394,30 +1535,45 @@ def write_demo_study(
     top = kw.pop("top", "T12")
     anatomy = make_anatomy(seed, findings, top, xray=xray, **kw)
     key = _study_key(modality, seed, anatomy)
+    if profile != "default":
+        key += f":{profile}"
     study = StudyInfo(uid_seed=key, patient_id=f"PHANTOM-{seed:06d}", accession_number=f"SYN{seed:06d}",
                       study_description=f"SYNTHETIC LUMBAR SPINE {modality} PHANTOM")
-    if modality == "MR":
-        series = [render_mr(anatomy, "T2", "sagittal"), render_mr(anatomy, "T1", "sagittal"),
-                  render_mr(anatomy, "T2", "axial")]
-        series[1].description = "SAG T1"
+    if profile == "clinical":
+        series = _clinical_mr_series(anatomy)
+    elif modality == "MR":
+        series = [[render_mr(anatomy, "T2", "sagittal")], [render_mr(anatomy, "T1", "sagittal")],
+                  [render_mr(anatomy, "T2", "axial")]]
+        series[1][0].description = "SAG T1"
     elif modality == "CT":
-        series = [render_ct(anatomy)]
+        series = [[render_ct(anatomy)]]
     else:
-        series = [render_dx(anatomy, "AP"), render_dx(anatomy, "LAT")]
+        series = [[render_dx(anatomy, "AP")], [render_dx(anatomy, "LAT")]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     listing = []
-    for number, r in enumerate(series, start=1):
+    for number, parts in enumerate(series, start=1):
+        r = parts[0]
         folder = f"{number:02d}-{r.description.replace(' ', '_')}"
-        files = write_series(r.array, r.affine, out / folder, modality=r.modality, study=study,
-                             series_description=r.description, series_number=number, extra=r.extra,
-                             uid_seed=f"{key}:{number}")
+        files = []
+        for j, part in enumerate(parts):
+            files += write_series(part.array, part.affine, out / folder / (f"part{j}" if len(parts) > 1 else ""),
+                                  modality=part.modality, study=study, series_description=part.description,
+                                  series_number=number, extra=part.extra,
+                                  uid_seed=f"{key}:{number}" + (f":{j}" if j else ""))
+        if len(parts) > 1 or transfer_syntax is not None:
+            files = _finish_series(files, out / folder, transfer_syntax)
         listing.append({"folder": folder, "description": r.description, "modality": r.modality,
-                        "plane": r.plane, "contrast": r.contrast, "series_number": number,
+                        "plane": "+".join(part.plane for part in parts), "contrast": r.contrast,
+                        "series_number": number,
                         "instances": len(files)})
     truth = ground_truth(anatomy, xray)
     truth.update({"modality": modality, "study_instance_uid": study.study_instance_uid,
                   "frame_of_reference_uid": study.frame_of_reference_uid, "series": listing})
+    if profile != "default":
+        truth["profile"] = profile
+    if transfer_syntax is not None:
+        truth["transfer_syntax"] = transfer_syntax
     path = out / "ground_truth.json"
     path.write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n")
     return path
