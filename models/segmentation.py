@@ -185,7 +185,10 @@ def label_levels(
     -------
     np.ndarray
         ``[H, W]`` int16 mask: bodies 17-26 by level, discs 100 + the vertebra above,
-        canal 200; bodies and discs no point names are left out (0).
+        canal 200; bodies and discs no point names are left out (0), and so is a piece
+        holding the points of two levels, or a disc's point inside a body (two bodies run
+        together where the disc between them was missed): it would measure as one body
+        twice as tall.
 
     Raises
     ------
@@ -208,10 +211,20 @@ def label_levels(
         areas = ndimage.sum_labels(np.ones(classes.shape), comp, index=np.arange(1, n + 1))
         centres = np.asarray(ndimage.center_of_mass(np.ones(classes.shape), comp, np.arange(1, n + 1)), float)
         taken: dict[int, tuple[str, float]] = {}
+        holders: dict[int, int] = {}  # component -> level points of this class in it (another class's: 2)
+        for name, (r, c) in points_px.items():
+            ri, ci = int(round(r)), int(round(c))
+            if 0 <= ri < comp.shape[0] and 0 <= ci < comp.shape[1] and comp[ri, ci]:
+                k = int(comp[ri, ci])
+                holders[k] = holders.get(k, 0) + (1 if name in names else 2)
         for name in names:
             r, c = points_px[name]
             ri, ci = int(round(r)), int(round(c))
             inside = comp[ri, ci] if 0 <= ri < comp.shape[0] and 0 <= ci < comp.shape[1] else 0
+            if inside and holders.get(int(inside), 0) > 1:
+                # two levels in one piece (bodies run together where the disc between them was
+                # missed, or a disc's point inside a body): name neither
+                continue
             if inside and areas[inside - 1] >= min_px:
                 k, d = int(inside), 0.0
             else:

@@ -67,6 +67,11 @@ def test_label_levels_names_bodies_and_discs_by_the_nearest_point():
     # a point far from any body names nothing; a missing point leaves its body unnamed
     far = label_levels(c, {"L3": (20.0, 75.0), "L4": pts["L4"]}, (1.0, 1.0))
     assert far[20, 30] == 0 and far[55, 30] == VERTEBRA_LABELS["L4"]
+    # two bodies run together (the disc between them missed): neither is named, nor measured as one
+    merged = c.copy()
+    merged[35:45, 20:50] = BODY
+    m2 = label_levels(merged, pts, (1.0, 1.0))
+    assert m2[20, 30] == 0 and m2[55, 30] == 0 and m2[90, 30] == VERTEBRA_LABELS["L5"]
     with pytest.raises(ValueError, match="classes"):
         label_levels(np.zeros((2, 2, 2)), pts, (1.0, 1.0))
     with pytest.raises(ValueError, match="pixel_mm"):

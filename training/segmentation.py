@@ -219,8 +219,9 @@ def load_levels_volumes(data_dir: str | Path, half_width: int = 6) -> list[SegCa
         img = np.asarray(nib.load(str(root / c["image"])).dataobj)
         lab = np.asarray(nib.load(str(root / c["labels"])).dataobj)
         pts = {k: np.asarray(v["centroid"]["vox"], float) for k, v in (c.get("vertebrae") or {}).items()}
-        pts.update({k: np.asarray(v["vox"], float) for k, v in (c.get("discs") or {}).items()
-                    if not v.get("approximate")})
+        # approximate disc points too (L5-S1, extrapolated): good enough to name a disc or to
+        # reveal a body run together with the one below (models.segmentation.label_levels)
+        pts.update({k: np.asarray(v["vox"], float) for k, v in (c.get("discs") or {}).items()})
         mid = int(round(float(np.mean([p[2] for p in pts.values()])))) if pts else img.shape[2] // 2
         ks = range(max(0, mid - half_width), min(img.shape[2], mid + half_width + 1))
         slices = [levels_slice(img[:, :, k], lab[:, :, k], {n: (float(p[0]), float(p[1])) for n, p in pts.items()})
@@ -476,11 +477,13 @@ def cv_measurements(cases: Sequence[SegCase], out_dir: str | Path) -> tuple[list
     """Measurements of the out-of-fold predictions against the reference masks, on each case's mid image.
 
     Predicted bodies and discs are named by the reference level points of that image, so these
-    figures measure segmentation and measurement, not level naming. Returns the rows
+    figures measure segmentation and measurement, not level naming; only the levels the product
+    reports (T12-L5 and their discs, L1-S1) are scored. Returns the rows
     (``case, level, measurement, unit, predicted, reference``) and the agreement per measurement.
     """
     from models.segmentation import label_levels
     from training.segmentation_eval import agreement, measurement_rows
+    from worker.analysis_spine import REPORTED_LEVELS
 
     rows: list[dict[str, Any]] = []
     for c in cases:
@@ -491,7 +494,8 @@ def cv_measurements(cases: Sequence[SegCase], out_dir: str | Path) -> tuple[list
             pred = z[f"arr_{c.mid}"]
         sl = c.slices[c.mid]
         _, aff = c.stack()
-        rows += measurement_rows(c.name, label_levels(pred, sl.points, sl.spacing), sl.levels, aff)
+        rows += [r for r in measurement_rows(c.name, label_levels(pred, sl.points, sl.spacing), sl.levels, aff)
+                 if r["level"] in REPORTED_LEVELS]  # validated on what the product reports
     return rows, agreement(rows)
 
 
