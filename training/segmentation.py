@@ -48,6 +48,7 @@ PATCH: tuple[int, int] = (128, 128)
 WIDTHS: tuple[int, ...] = (12, 24, 32, 48, 64)
 #: Default optimiser steps and batch size.
 STEPS = 2500
+CV_STEPS = 1500
 BATCH = 6
 #: Weight of the soft Dice term: it keeps the small classes (canal, discs) from being given up
 #: early (at 0.5 and 400 steps, one fold of three never predicted the canal).
@@ -382,6 +383,7 @@ def save_package(net: LevelNet, out_dir: str | Path, training: dict[str, Any], m
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
+    (out / "model.safetensors").chmod(0o644)  # packages are read by the worker's service user
     cfg = {
         "name": "discus-spine-segmentation",
         "architecture": "LevelNet",
@@ -525,7 +527,7 @@ def main(args: list[str] | None = None) -> None:
     ap.add_argument("--package", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "packages" / TASK)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--cv-steps", type=int, default=None)
+    ap.add_argument("--cv-steps", type=int, default=CV_STEPS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cv", action="store_true")
     ap.add_argument("--finalize-only", action="store_true",
@@ -610,8 +612,9 @@ def finalize_package(cases: Sequence[SegCase], cv_dir: str | Path, package: str 
     """Score the cross-validation predictions' measurements, record what is validated, write the card.
 
     The weights are not touched (their sha256 stays); ``config.json`` gets the agreement figures,
-    ``postprocessing.validated`` and the provenance, the package folder ``cv_measurements.csv``,
-    ``cv_bland_altman.png`` and ``MODEL_CARD.md``.
+    ``postprocessing.validated`` and the provenance, the package folder ``cv_bland_altman.png`` and
+    ``MODEL_CARD.md``; every measured pair goes to ``cv_dir/cv_measurements.csv``, not into the
+    package (it names the training cases and holds measurements of their reference masks).
     """
     import csv
 
@@ -620,7 +623,7 @@ def finalize_package(cases: Sequence[SegCase], cv_dir: str | Path, package: str 
     pkg = Path(package)
     cv = json.loads((Path(cv_dir) / "cv.json").read_text())
     rows, agreement = cv_measurements(cases, cv_dir)
-    with open(pkg / "cv_measurements.csv", "w", newline="") as f:
+    with open(Path(cv_dir) / "cv_measurements.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["case", "level", "measurement", "unit", "predicted", "reference"])
         w.writeheader()
         w.writerows(rows)
@@ -698,8 +701,9 @@ def write_model_card(package: str | Path, cfg: dict[str, Any], cv: dict[str, Any
     lines += [
         "- Measurements: each held-out case's midline image (largest body area), predicted mask named by the",
         "  reference level points (so these figures score segmentation and measurement, not level naming: the",
-        "  localizer has its own card), measured alike on prediction and reference. Bland-Altman plots:",
-        "  `cv_bland_altman.png`; every pair: `cv_measurements.csv`.",
+        "  localizer has its own card), measured alike on prediction and reference; only the levels the",
+        "  product reports (T12-L5, their discs, L1-S1). Bland-Altman plots: `cv_bland_altman.png`; every",
+        "  pair is written beside the cross-validation (`cv_measurements.csv`), not shipped.",
         "- The reference masks are themselves one annotator's; SPIDER's vertebra masks include the posterior",
         "  elements, which this package leaves out (bodies are the vertebra regions in front of the canal).",
         "",
