@@ -140,7 +140,8 @@ class Validation:
         if ms:
             table = self.table.get("measurements", {})
             parts = [f"{n} (MAE {table[n]['mae']:.1f} {table[n]['unit']}, ICC {table[n]['icc_a1']:.2f})"
-                     if n in table and "mae" in table[n] and "icc_a1" in table[n] else n for n in ms]
+                     if "derived_from" not in table.get(n, {}) and "mae" in table.get(n, {})
+                     and "icc_a1" in table[n] else n for n in ms]
             out["spine measurements"] = ("below their cross-validated targets (MAE <= 1 mm or 3 deg, ICC >= 0.90), "
                                          "withheld: " + ", ".join(parts))
         st = sorted(self._withheld["structures"])
