@@ -9,7 +9,8 @@ superior (cranial), column 0 anterior. Label values follow the VerSe numbering
 (:data:`VERTEBRA_LABELS`): vertebral bodies T9-L5 = 16-24, S1 = 26; a disc is 100 +
 the label of the vertebra above (:func:`disc_label`, L4-L5 = 123); the spinal canal
 is :data:`CANAL_LABEL`. Only the largest connected component (8-connected) of each
-label is used, so small stray specks do not count.
+body and disc label is used, so small stray specks do not count; the canal keeps every
+piece of at least 20 mm^2 (a severe stenosis can pinch it in two).
 
 ``spacing_mm`` is (row spacing, column spacing). All geometry is done in millimetre
 coordinates ``(y, x) = (row * row spacing, column * column spacing)``, so results hold
@@ -619,6 +620,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return comp == int(np.argmax(sizes))
 
 
+def _without_specks(mask: np.ndarray, spacing: np.ndarray, min_mm2: float = 20.0) -> np.ndarray:
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(comp.ravel()) * float(spacing[0] * spacing[1])
+    sizes[0] = 0
+    return np.isin(comp, np.flatnonzero(sizes >= min_mm2)) if (sizes >= min_mm2).any() else _largest_component(mask)
+
+
 def _segment(*points: np.ndarray, spacing: np.ndarray) -> tuple[tuple[float, float], ...]:
     return tuple((float(p[0] / spacing[0]), float(p[1] / spacing[1])) for p in points)
 
@@ -692,7 +702,10 @@ def measure_sagittal(labels: np.ndarray, spacing_mm: Sequence[float]) -> Sagitta
     for value, name in LABEL_NAMES.items():
         box = boxes[value - 1]
         if box is not None:
-            mask = _largest_component(labels[box] == value)
+            # The canal keeps every piece but specks: a severe stenosis can pinch it in two, and
+            # the levels beyond the pinch still have their own canal to measure.
+            mask = (_without_specks(labels[box] == value, spacing) if value == CANAL_LABEL
+                    else _largest_component(labels[box] == value))
             shapes[name] = _Shape(mask, (box[0].start, box[1].start), labels.shape, spacing)
     chain = [n for v, d in zip(VERTEBRAE, DISCS + ("",)) for n in (v, d) if n in shapes]
 

@@ -398,3 +398,19 @@ def test_runs_match_every_sample_looked_up() -> None:
                         assert (lo[i], hi[i]) == (t[hits[0]] - shape.step / 2, t[hits[-1]] + shape.step / 2)
                     else:
                         assert np.isnan(lo[i]) and np.isnan(hi[i])
+
+
+def test_a_canal_pinched_in_two_is_measured_on_both_sides():
+    """Synthetic stack: a severe stenosis cuts the canal; the levels above and below keep their diameters."""
+    m = np.zeros((192, 160), np.int16)
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    for i, name in enumerate(names):
+        r0 = 10 + i * 30
+        m[r0:r0 + 22, 50:90] = ms.VERTEBRA_LABELS[name]
+        m[r0 + 22:r0 + 30, 52:88] = disc_label(f"{name}-{names[i + 1]}" if i + 1 < len(names) else "L5-S1")
+    m[10:170, 96:108] = CANAL_LABEL
+    m[92:100, 96:108] = 0  # pinched shut at L3-L4
+    out = measure_sagittal(m, (1.0, 1.0))
+    for level in ("L1-L2", "L4-L5"):
+        d = out.get(level, ms.CANAL_AP_DIAMETER)
+        assert d is not None and abs(d.value - 12.0) <= 1.5, (level, d)
