@@ -36,6 +36,11 @@ CLASSES: tuple[str, ...] = ("background", "vertebral body", "disc", "spinal cana
 BODY, DISC, CANAL = 1, 2, 3
 #: Pixel size of the segmentation grid (mm).
 PIXEL_MM = 1.0
+#: Levels whose measurements the product reports (the lumbar spine and its junctions); the
+#: validation scores these only.
+REPORTED_LEVELS: frozenset[str] = frozenset(
+    {"T12", "L1", "L2", "L3", "L4", "L5", "T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1", "L1-S1"}
+)
 #: Smallest connected body or disc kept when naming levels (mm^2): smaller pieces are specks.
 MIN_AREA_MM2 = 20.0
 #: Farthest a level point may lie from a body or disc for it to name it (mm).

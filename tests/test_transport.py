@@ -53,7 +53,7 @@ def test_other_responses_left_to_pynetdicom() -> None:
 def test_lean_socket_reads_whole_pdus_and_stops_at_eof(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport, "RECV_STEP", 30_000)  # a PDU longer than one piece, too
     ours, peer = socket.socketpair()
-    sock = LeanAssociationSocket(LeanAssociation(AE()), ours)
+    sock = LeanAssociationSocket(_unlimited(), ours)
     payload = bytes(range(256)) * 1000
 
     def send_in_pieces() -> None:
@@ -97,9 +97,31 @@ def test_malformed_p_data_tf_is_refused(pdu: bytes) -> None:
     assert pdv_items(pdu) is None
 
 
+def _unlimited() -> LeanAssociation:
+    """An association that announced no maximum PDU size (so any length claimed is read as it arrives)."""
+    assoc = LeanAssociation(AE())
+    assoc.acceptor.maximum_length = 0
+    return assoc
+
+
+def test_a_pdu_longer_than_announced_is_refused_before_reading() -> None:
+    ours, peer = socket.socketpair()
+    assoc = LeanAssociation(AE())
+    assoc.acceptor.maximum_length = 4096
+    sock = LeanAssociationSocket(assoc, ours)
+    peer.sendall(b"x" * 8192)
+    try:
+        assert sock.recv(4096 + 6) == b"x" * 4102  # within the maximum (a PDU's 6 header bytes aside)
+        assert sock.recv(8192) == b""  # longer: treated as a closed connection
+        assert sock.socket is None
+    finally:
+        peer.close()
+        sock.close()
+
+
 def test_claimed_pdu_length_is_not_allocated_up_front() -> None:
     ours, peer = socket.socketpair()
-    sock = LeanAssociationSocket(LeanAssociation(AE()), ours)
+    sock = LeanAssociationSocket(_unlimited(), ours)
     peer.sendall(b"0123456789")
     peer.close()
     try:

@@ -483,9 +483,8 @@ def cv_measurements(cases: Sequence[SegCase], out_dir: str | Path) -> tuple[list
     reports (T12-L5 and their discs, L1-S1) are scored. Returns the rows
     (``case, level, measurement, unit, predicted, reference``) and the agreement per measurement.
     """
-    from models.segmentation import label_levels
+    from models.segmentation import REPORTED_LEVELS, label_levels
     from training.segmentation_eval import agreement, measurement_rows
-    from worker.analysis_spine import REPORTED_LEVELS
 
     rows: list[dict[str, Any]] = []
     for c in cases:

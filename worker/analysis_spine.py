@@ -18,15 +18,11 @@ from scipy.spatial import ConvexHull, QhullError
 from dicom_io.results import LORDOSIS_LEVEL, MeasurementCategory, SegmentationMasks, SpineMeasurement, StudyResult
 from dicom_io.volume import Volume
 from models.measurements import LABEL_NAMES, VERTEBRA_LABELS, disc_label
-from models.segmentation import measure_image, midline_slice, source_labels
+from models.segmentation import REPORTED_LEVELS, measure_image, midline_slice, source_labels
 from worker.analysis import Run, image_ref, no_levels_reason
 
 #: Task of the segmentation package.
 SEGMENTATION = "spine_segmentation"
-#: Levels whose measurements are reported (the lumbar spine and its junctions).
-REPORTED_LEVELS: frozenset[str] = frozenset(
-    {"T12", "L1", "L2", "L3", "L4", "L5", "T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1", LORDOSIS_LEVEL}
-)
 
 
 def measure_spine(run: Run, volume: Volume, points: dict[str, tuple[np.ndarray, float]]) -> None:

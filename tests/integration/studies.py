@@ -114,10 +114,11 @@ def result_of(outbox: Path, study_uid: str) -> StudyResult:
 
 
 def discus_objects(orthanc: object, study_uid: str) -> list[dict[str, str]]:
-    """Instances of the study in Orthanc that Discus wrote (SR and SC), by SOP class."""
+    """Instances of the study in Orthanc that Discus wrote (SR, SC and SEG), by SOP class."""
     return [t for t in orthanc.instances_of(study_uid)  # type: ignore[attr-defined]
             if str(t.get("SOPClassUID", "")).startswith(("1.2.840.10008.5.1.4.1.1.88.",
-                                                         "1.2.840.10008.5.1.4.1.1.7"))]
+                                                         "1.2.840.10008.5.1.4.1.1.7",
+                                                         "1.2.840.10008.5.1.4.1.1.66.4"))]
 
 
 def is_sr(tags: dict[str, str]) -> bool:
