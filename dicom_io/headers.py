@@ -297,17 +297,18 @@ def load_study(folder: str | os.PathLike[str], study_instance_uid: str | None = 
 
 
 #: SOP classes of the objects Discus writes (the SR and the Secondary Capture images).
-OUTPUT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"})
+OUTPUT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7",
+                                "1.2.840.10008.5.1.4.1.1.66.4"})  # SR, SC, SEG
 #: Purpose of Reference of Discus's Contributing Equipment item (DCM 109102 "Processing Equipment").
 _PROCESSING_EQUIPMENT = "109102"
 
 
 def is_own_output(path: str | Path, sop_class_uid: str, manufacturer: str = "Discus") -> bool:
-    """Whether a stored object is one Discus wrote (an SR or SC whose processing equipment is ours).
+    """Whether a stored object is one Discus wrote (an SR, SC or SEG whose processing equipment is ours).
 
     A PACS that routes whole studies sends Discus's results back with the images;
     analysing them as new instances would make a new revision, whose results would
-    come back again. Only SR and SC objects are read (their header, no pixels).
+    come back again. Only SR, SC and SEG objects are read (their header, no pixels).
     """
     if sop_class_uid not in OUTPUT_SOP_CLASSES:
         return False

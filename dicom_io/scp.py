@@ -70,7 +70,7 @@ IMAGE_STORAGE_CLASSES: tuple[str, ...] = (
     sop_class.MultiFrameTrueColorSecondaryCaptureImageStorage,
 )
 
-#: Document classes a PACS may route along with a study: stored, never analysed.
+#: Document (and segmentation) classes a PACS may route along with a study: stored, never analysed.
 DOCUMENT_STORAGE_CLASSES: tuple[str, ...] = (
     sop_class.BasicTextSRStorage,
     sop_class.EnhancedSRStorage,
@@ -78,6 +78,7 @@ DOCUMENT_STORAGE_CLASSES: tuple[str, ...] = (
     sop_class.Comprehensive3DSRStorage,
     sop_class.ExtensibleSRStorage,
     sop_class.KeyObjectSelectionDocumentStorage,
+    sop_class.SegmentationStorage,  # Discus's own SEG, routed back with the study
 )
 
 #: Transfer syntaxes accepted for every storage class, uncompressed ones first.
