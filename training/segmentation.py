@@ -200,7 +200,7 @@ def levels_slice(image: np.ndarray, labels: np.ndarray, points: dict[str, tuple[
     return SegSlice(image.astype(np.float32), classes, allowed, labels.astype(np.int16), dict(points), (1.0, 1.0))
 
 
-def load_levels_volumes(data_dir: str | Path, half_width: int = 6) -> list[SegCase]:
+def load_levels_volumes(data_dir: str | Path, half_width: int = 20) -> list[SegCase]:
     """The central sagittal planes (``mid +- half_width`` voxels) of every ``levels.json`` volume.
 
     Raises
@@ -711,7 +711,7 @@ def write_model_card(package: str | Path, cfg: dict[str, Any], cv: dict[str, Any
         "  11 central sagittal slices each, vertebra/disc/canal masks; van der Graaf et al., Sci Data 11:264,",
         "  2024, CC BY 4.0; training patients only).",
         f"- {tr['data'].get('lumbar-mri-levels', 0)} volumes of lumbar-mri-levels (VB3 MyoSegmenTUM water-fat gradient",
-        "  echo 3 T, VB2 T2 TSE 1.5 T; vertebral bodies by level; 13 central sagittal planes each).",
+        "  echo 3 T, VB2 T2 TSE 1.5 T; vertebral bodies by level; the 41 sagittal planes within 20 mm of the mid-plane).",
         "- Partial labels: every pixel carries the set of classes it may be (lumbar-mri-levels knows only",
         "  'body' or 'not a body' between its top and lowest labelled body); the loss is the negative log",
         "  of the probability of that set plus a soft Dice term on exactly labelled pixels.",
