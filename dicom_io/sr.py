@@ -44,6 +44,7 @@ from dicom_io.results import (
     ConditionValues,
     Finding,
     ModelInfo,
+    SpineMeasurement,
     StatusValues,
     StudyResult,
 )
@@ -195,14 +196,14 @@ def character_set(source: Dataset) -> str | list[str] | None:
     return values[0] if len(values) == 1 else values
 
 
-def _model_for(result: StudyResult, finding: Finding) -> ModelInfo | None:
+def _model_for(result: StudyResult, finding: Finding | SpineMeasurement) -> ModelInfo | None:
     for m in result.models:
         if m.name == finding.model and m.version == finding.model_version:
             return m
     return None
 
 
-def _algorithm_id(result: StudyResult, finding: Finding) -> hd.sr.AlgorithmIdentification:
+def _algorithm_id(result: StudyResult, finding: Finding | SpineMeasurement) -> hd.sr.AlgorithmIdentification:
     info = _model_for(result, finding)
     parameters = None
     if info is not None:
@@ -368,11 +369,8 @@ def _measurement_groups(
     cats: dict[str, list[Any]] = {}
     for c in result.categories:
         cats.setdefault(c.level, []).append(c)
-    first = result.measurements[0]
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=first.model, version=first.model_version,
-        parameters=[f"sha256={m.sha256}" for m in result.models if m.name == first.model][:1] or None,
-    )
+    algorithm = _algorithm_id(result, result.measurements[0])  # the same identification as the findings'
+
     order = {lv: i for i, lv in enumerate(LEVELS)}
     groups = []
     for level in sorted(by_level, key=lambda lv: order.get(lv, len(order))):

@@ -94,14 +94,19 @@ class SegCase:
         """Index of the central slice: the one with the largest body area."""
         return int(np.argmax([(s.classes == BODY).sum() for s in self.slices]))
 
-    def stack(self) -> tuple[np.ndarray, np.ndarray]:
-        """The slices as a sagittal stack ``[slice, row, column]`` and its affine to patient (LPS) mm."""
+    @property
+    def affine(self) -> np.ndarray:
+        """Affine of the slices as a sagittal stack, ``(column, row, slice)`` to patient (LPS) mm."""
         sy, sx = self.slices[0].spacing
         aff = np.eye(4)
         aff[:3, 0] = (0.0, sx, 0.0)  # columns run posterior
         aff[:3, 1] = (0.0, 0.0, -sy)  # rows run inferior
         aff[:3, 2] = (self.slice_mm, 0.0, 0.0)
-        return np.stack([s.image for s in self.slices]).astype(np.float32), aff
+        return aff
+
+    def stack(self) -> tuple[np.ndarray, np.ndarray]:
+        """The slices as a sagittal stack ``[slice, row, column]`` and its :attr:`affine`."""
+        return np.stack([s.image for s in self.slices]).astype(np.float32), self.affine
 
 
 # --------------------------------------------------------------------------- data
@@ -494,8 +499,7 @@ def cv_measurements(cases: Sequence[SegCase], out_dir: str | Path) -> tuple[list
         with np.load(path) as z:
             pred = z[f"arr_{c.mid}"]
         sl = c.slices[c.mid]
-        _, aff = c.stack()
-        rows += [r for r in measurement_rows(c.name, label_levels(pred, sl.points, sl.spacing), sl.levels, aff)
+        rows += [r for r in measurement_rows(c.name, label_levels(pred, sl.points, sl.spacing), sl.levels, c.affine)
                  if r["level"] in REPORTED_LEVELS]  # validated on what the product reports
     return rows, agreement(rows)
 

@@ -115,13 +115,9 @@ def _spider_cases(root: Path) -> Iterator[EvalCase]:
         yield EvalCase(case.name, array, aff, ref, points, to_nifti)
 
 
-def localizer_points(case: EvalCase, package: str | Path | None = None) -> tuple[dict[str, tuple[float, float, float]], str | None]:
+def localizer_points(case: EvalCase, localizer: Any) -> tuple[dict[str, tuple[float, float, float]], str | None]:
     """The product's level points on the case: ``(column, row, slice)`` per level, and a refusal reason."""
-    from models.localizer import LevelLocalizer
-    from models.package import find_package
-
-    loc = LevelLocalizer.from_package(package or find_package("levels"))
-    result = loc(case.array, case.affine)
+    result = localizer(case.array, case.affine)
     return {p.name: tuple(float(v) for v in p.voxel) for p in result.points}, result.reason
 
 
@@ -235,13 +231,19 @@ def evaluate_segmentation(data_dir: str | Path, out_dir: str | Path, package: st
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     segmenter = SpineSegmenter.from_package(package or default_package())
+    localizer = None
+    if levels == "localizer":  # loaded once for every case
+        from models.localizer import LevelLocalizer
+        from models.package import find_package
+
+        localizer = LevelLocalizer.from_package(find_package("levels"))
     per_case: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for case in iter_cases(data_dir):
         t0 = time.perf_counter()
         reason = None
         if levels == "localizer":
-            points, reason = localizer_points(case)
+            points, reason = localizer_points(case, localizer)
         else:
             points = case.points
         pred = predict_labels(segmenter, case, points)
